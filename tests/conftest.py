@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny CLIP tokenizer and tiny random-weight CLIP models built on the fly.
+
+No test downloads anything: every model here is made by the fixtures themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from modeling_code.word_tokenizer import build_clip_tokenizer
+
+TINY_WORDS = (
+    "a an the of in on at with and photo picture image there is are some two three red green blue yellow "
+    "cat cats dog dogs sofa table car cars bus tree trees sky grass road person people man woman horse "
+    "bird boat water field house wall chair bottle plate food street building red white black small big "
+    "sitting standing next near under over large shape circle square triangle star heart background "
+    "origami video game art bad itap many"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A CLIP BPE tokenizer over ``TINY_WORDS`` (every byte is also a token)."""
+    return build_clip_tokenizer(TINY_WORDS, tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+def make_tiny_clip_config(tokenizer, image_size: int = 32, patch_size: int = 8) -> CLIPConfig:
+    """A CLIP config small enough for unit tests, with special ids inside the tokenizer's vocabulary."""
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": 0,
+    }
+    text_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=16, **ids,
+    )
+    vision_config = dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=16,
+    )
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_config(tiny_tokenizer):
+    return make_tiny_clip_config(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tiny_tokenizer, tiny_clip_config):
+    """A saved random-weight tiny ``CLIPModel`` with its tokenizer: a stand-in for a Hub CLIP id."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(tiny_clip_config).save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    return directory
