@@ -53,7 +53,7 @@ def build_clip_tokenizer(words: Iterable[str], save_directory: str | Path) -> CL
     for word in sorted({w.strip().lower() for w in words if w.strip()}):
         if not word.isalpha() or len(word) < 2:
             continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
         merged = pieces[0]
         for piece in pieces[1:]:
             pair = (merged, piece)

@@ -16,13 +16,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from modeling_code.word_tokenizer import build_clip_tokenizer
 
-TINY_WORDS = (
-    "a an the of in on at with and photo picture image there is are some two three red green blue yellow "
-    "cat cats dog dogs sofa table car cars bus tree trees sky grass road person people man woman horse "
-    "bird boat water field house wall chair bottle plate food street building red white black small big "
-    "sitting standing next near under over large shape circle square triangle star heart background "
-    "origami video game art bad itap many"
-).split()
+TINY_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "photo", "picture", "image", "there", "is", "are", "some", "two", "three", "red", "green", "blue", "yellow", "cat", "cats", "dog", "dogs", "sofa", "table", "car", "cars", "bus", "tree", "trees", "sky", "grass", "road", "person", "people", "man", "woman", "horse", "bird", "boat", "water", "field", "house", "wall", "chair", "bottle", "plate", "food", "street", "building", "red", "white", "black", "small", "big", "sitting", "standing", "next", "near", "under", "over", "large", "shape", "circle", "square", "triangle", "star", "heart", "background", "origami", "video", "game", "art", "bad", "itap", "many"]
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +35,13 @@ def make_tiny_clip_config(tokenizer, image_size: int = 32, patch_size: int = 8) 
     }
     text_config = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=16, **ids,
+        max_position_embeddings=77, projection_dim=32, **ids,
     )
-    vision_config = dict(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, projection_dim=16,
-    )
-    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
+    vision_config = {
+        "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": image_size, "patch_size": patch_size, "projection_dim": 32,
+    }
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32)
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +57,26 @@ def tiny_clip_dir(tmp_path_factory, tiny_tokenizer, tiny_clip_config):
     CLIPModel(tiny_clip_config).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory
+
+
+TINY_CODE_OVERRIDES = {"text_decoder_num_heads": 4, "image_background_size": 32}
+
+
+@pytest.fixture
+def tiny_code_model(tiny_clip_dir, tiny_tokenizer):
+    """A fresh CoDe model on the tiny CLIP, initialised from it as ``CoDeModel.from_clip`` does."""
+    from modeling_code import CoDeModel
+
+    torch.manual_seed(0)
+    return CoDeModel.from_clip(str(tiny_clip_dir), tokenizer=tiny_tokenizer, **TINY_CODE_OVERRIDES)
+
+
+def pad_token_ids(tokenizer, texts: list[str], length: int = 77) -> torch.Tensor:
+    """CLIP token ids padded with 0 to ``length`` (EOS kept last when cut): [len(texts), length]."""
+    rows = torch.zeros(len(texts), length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) > length:
+            ids = [*ids[: length - 1], tokenizer.eos_token_id]
+        rows[row, : len(ids)] = torch.tensor(ids)
+    return rows

@@ -1,0 +1,146 @@
+"""CoDe model configuration."""
+
+from __future__ import annotations
+
+from transformers import CLIPConfig, PreTrainedConfig
+
+
+class CoDeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CoDeModel`]: the frozen CLIP it is built on (``clip_config``) plus every CoDe
+    hyper-parameter, with the defaults of the authors' final ViT-B/16 recipe (CVPR 2024). Widths are never
+    stored here: they are read from ``clip_config`` so any CLIP size works.
+
+    Args:
+        clip_config (`dict` or [`CLIPConfig`], *optional*):
+            The frozen CLIP (text + vision towers). Defaults to CLIP ViT-B/16 sizes.
+        decoder_num_blocks (`int`, defaults to 2):
+            Masker decoder blocks; each upsamples ×2 (nearest) then adds ``tanh(gate) * conv3x3(GELU(LN(x)))``.
+        decoder_gate_init (`float`, defaults to 0.0):
+            Initial gate logit: 0 makes the decoder a plain nearest ×2^blocks upsampling at initialisation.
+        sim2mask_init_weight / sim2mask_init_bias (`float`, defaults to 10.0 / -2.5):
+            Sim2Mask ``logits = w * cos + b`` initial scalars.
+        gumbel_tau (`float`, defaults to 1.0):
+            Temperature of the Gumbel-sigmoid used for hard masks in training.
+        prompt_context_length (`int`, defaults to 16):
+            Learnable context vectors of the prompted noun encoder.
+        prompt_init_text (`str`):
+            Text whose first ``prompt_context_length`` tokens after SOS initialise the context vectors.
+        text_decoder_num_layers / text_decoder_num_heads (`int`, defaults to 2 / 8):
+            Bidirectional transformer blocks on top of CLIP's caption token states (width = CLIP text width).
+        text_mask_init_weight / text_mask_init_bias (`float`, defaults to 10.0 / 0.0):
+            Word-highlighting scores ``w_t * cos(token, noun) + b_t``.
+        text_mask_background_logit (`float`, defaults to 0.0):
+            The fixed logit of the "no noun" entry in the K+1-way token softmax.
+        num_words (`int`, defaults to 2):
+            Nouns sampled per caption (K).
+        image_background_size (`int`, defaults to 224):
+            Side of the learnable background image used for region highlighting.
+        logit_scale_init_value (`float`, defaults to ln(1/0.07)):
+            Initial value of the three learnable contrastive logit scales, stored as logarithms.
+        logit_scale_max (`float`, defaults to 100.0):
+            Clamp of the exponentiated logit scales.
+        loss_*_weight (`float`):
+            Weights of the training loss terms (spec §2.2).
+        area_positive_prior / area_negative_prior (`float`, defaults to 0.25 / 0.0):
+            Target mean area of positive and negative soft masks.
+        text_segmentation_background_weight (`float`, defaults to 0.5):
+            Class weight of the "not the selected noun" class in the text segmentation loss.
+        mask_pool_eps (`float`, defaults to 1e-6):
+            Added to the soft-mask sum when pooling features with a mask.
+        background_threshold (`float`, defaults to 0.4):
+            Constant score of the background class at inference.
+        kp_weight (`float`, defaults to 0.3):
+            Weight of the MaskCLIP key-point (KP) branch in the final mask.
+        kp_cos_offset / kp_cos_scale (`float`, defaults to 0.25 / 10.0):
+            KP branch scores ``sigmoid((cos - offset) * scale)``.
+        use_pamr / pamr_iterations / pamr_dilations:
+            Pixel-adaptive mask refinement at inference.
+        inference_short_side / inference_max_long_side / window_size / window_stride (`int`):
+            Whole-image protocol: resize, then sliding windows averaged over overlaps.
+        kg_template_set / inference_template_set (`str`):
+            Names of prompt template sets (see `modeling_code.templates`) for the kg loss and the KP branch.
+    """
+
+    model_type = "code"
+    sub_configs_defaults = {"clip_config": CLIPConfig}  # noqa: RUF012  (transformers reads this class attribute)
+
+    clip_config: dict | CLIPConfig | None = None
+    # masker and Sim2Mask
+    decoder_num_blocks: int = 2
+    decoder_gate_init: float = 0.0
+    sim2mask_init_weight: float = 10.0
+    sim2mask_init_bias: float = -2.5
+    gumbel_tau: float = 1.0
+    # prompted noun encoder
+    prompt_context_length: int = 16
+    prompt_init_text: str = "A photo of x x x x x x x x x x x x x x x x"
+    # text decoder and word highlighting
+    text_decoder_num_layers: int = 2
+    text_decoder_num_heads: int = 8
+    text_mask_init_weight: float = 10.0
+    text_mask_init_bias: float = 0.0
+    text_mask_background_logit: float = 0.0
+    num_words: int = 2
+    # region highlighting and contrastive scales
+    image_background_size: int = 224
+    logit_scale_init_value: float = 2.659260036932778  # ln(1 / 0.07)
+    logit_scale_max: float = 100.0
+    # loss weights and priors (authors' final configuration)
+    loss_kg_weight: float = 8.0
+    loss_tcl_feature_weight: float = 0.1
+    loss_tcl_image_weight: float = 0.1
+    loss_tv_image_weight: float = 1.0
+    loss_tv_mask_weight: float = 1.0
+    loss_area_positive_weight: float = 0.5
+    loss_area_negative_weight: float = 0.05
+    loss_text_segmentation_weight: float = 1.0
+    loss_hcl_weight: float = 0.5
+    area_positive_prior: float = 0.25
+    area_negative_prior: float = 0.0
+    text_segmentation_background_weight: float = 0.5
+    mask_pool_eps: float = 1e-6
+    # inference defaults (spec §3)
+    background_threshold: float = 0.4
+    kp_weight: float = 0.3
+    kp_cos_offset: float = 0.25
+    kp_cos_scale: float = 10.0
+    use_pamr: bool = True
+    pamr_iterations: int = 10
+    pamr_dilations: list[int] | tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    inference_short_side: int = 448
+    inference_max_long_side: int = 2048
+    window_size: int = 448
+    window_stride: int = 224
+    kg_template_set: str = "imagenet"
+    inference_template_set: str = "custom"
+
+    def __post_init__(self, **kwargs):
+        if self.clip_config is None:
+            self.clip_config = CLIPConfig(
+                text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8},
+                vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                               "patch_size": 16, "image_size": 224},
+                projection_dim=512,
+            )
+        self.pamr_dilations = list(self.pamr_dilations)
+        super().__post_init__(**kwargs)
+        text_width = self.clip_config.text_config.hidden_size
+        if text_width % self.text_decoder_num_heads:
+            raise ValueError(
+                f"text_decoder_num_heads={self.text_decoder_num_heads} must divide the CLIP text width {text_width}"
+            )
+        if self.prompt_context_length + 2 > self.clip_config.text_config.max_position_embeddings:
+            raise ValueError("prompt_context_length leaves no room for a noun in the text context")
+
+    @property
+    def context_length(self) -> int:
+        """Token positions of every text (77 for CLIP)."""
+        return self.clip_config.text_config.max_position_embeddings
+
+    @property
+    def patch_size(self) -> int:
+        return self.clip_config.vision_config.patch_size
+
+
+__all__ = ["CoDeConfig"]

@@ -1,0 +1,725 @@
+"""PyTorch CoDe model: Image-Text Co-Decomposition for open-vocabulary semantic segmentation (CVPR 2024).
+
+One frozen ``CLIPModel`` serves every CLIP use of the method (dense features, global image embedding, text
+embeddings from ids and from word embeddings). The trainable parts are the masker (a copy of CLIP's last
+vision block, an upsampling decoder and a projection), Sim2Mask, the prompt context of the noun encoder, the
+text decoder with its word-highlighting head, the two learnable highlighting backgrounds and three logit
+scales. Shapes use: B images, K nouns per caption, N = K * B noun rows (noun-major: row ``k * B + b``),
+C joint embedding width, W_v / W_t vision / text widths, L text positions, h x w patch grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, CLIPTextConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.utils import ModelOutput
+
+from .configuration_code import CoDeConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed negatives: the one place where contrastive terms see the other processes' rows.
+# --------------------------------------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` [n, ...] from every process along dim 0 -> [n * world, ...], keeping gradients.
+
+    The backward pass sums each process's gradient for its slice, so with DDP's gradient averaging the update
+    equals a single process holding the whole global batch. Identity when not distributed.
+    """
+    _, world_size = _world()
+    if world_size == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def symmetric_infonce(local_logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of a [n, n * world] logit block whose positives lie on the global diagonal.
+
+    Row i of this process is positive with column ``rank * n + i``. The column direction needs every process's
+    rows, so the block is gathered (with gradient) to the full [n * world, n * world] matrix.
+    """
+    rank, _ = _world()
+    num_rows = local_logits.shape[0]
+    targets = torch.arange(num_rows, device=local_logits.device) + rank * num_rows
+    row_loss = F.cross_entropy(local_logits, targets)
+    full_logits = gather_with_grad(local_logits)
+    column_logits = full_logits[:, rank * num_rows : (rank + 1) * num_rows].t()
+    column_loss = F.cross_entropy(column_logits, targets)
+    return (row_loss + column_loss) / 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small functional pieces
+# --------------------------------------------------------------------------------------------------------------
+def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A CLIP encoder block where every token attends only to itself (the MaskCLIP trick).
+
+    With a single key the softmax is 1, so attention reduces to ``out_proj(v_proj(ln_1(x)))`` per token.
+    hidden_states: [B, T, W] -> [B, T, W].
+    """
+    attention = layer.self_attn
+    hidden_states = hidden_states + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden_states)))
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
+
+    ``y = sigmoid((logits + log(u / (1 - u))) / tau)``, ``u ~ U(0, 1)``; returns ``(y > 0.5) - y.detach() + y``.
+    """
+    uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertical plus horizontal neighbours over the last two dims of x."""
+    vertical = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    horizontal = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    return vertical + horizontal
+
+
+def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [1, 1, length, length] mask hiding future positions."""
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
+    return mask[None, None]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masker
+# --------------------------------------------------------------------------------------------------------------
+class CoDeLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B, C, H, W] map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class CoDeUpsampleBlock(nn.Module):
+    """Pre-activation residual block: ``up(x) + tanh(gate) * conv3x3(GELU(LN(up(x))))`` with ``up`` nearest ×2.
+
+    LayerNorm and GELU act per pixel, so they commute with nearest upsampling and run at low resolution; the 3×3
+    convolution of the upsampled map is computed exactly as four 2×2 "phase" convolutions of the low-resolution
+    map (4 taps per output instead of 9). ``plain_forward`` keeps the literal definition as a reference.
+    """
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        width = config.clip_config.vision_config.hidden_size
+        self.norm = CoDeLayerNorm2d(width, eps=config.clip_config.vision_config.layer_norm_eps)
+        self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
+        self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference path. x: [B, W, H, W'] -> [B, W, 2H, 2W']."""
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return x + torch.tanh(self.gate) * self.conv(F.gelu(self.norm(x)))
+
+    def _phase_weights(self) -> torch.Tensor:
+        """The 3×3 kernel folded into four 2×2 kernels, stacked as [4 * out, in, 2, 2] (phase-major)."""
+        w = self.conv.weight
+        # Along one axis, output phase 0 reads low-res rows (i-1, i) with kernel rows (0, 1+2);
+        # phase 1 reads rows (i, i+1) with kernel rows (0+1, 2).
+        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+        phases = []
+        for row_phase in rows:
+            phases.append(torch.stack([row_phase[..., 0], row_phase[..., 1] + row_phase[..., 2]], -1))
+            phases.append(torch.stack([row_phase[..., 0] + row_phase[..., 1], row_phase[..., 2]], -1))
+        return torch.cat(phases, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, W, H, W'] -> [B, W, 2H, 2W']."""
+        batch, channels, height, width = x.shape
+        activated = F.pad(F.gelu(self.norm(x)), (1, 1, 1, 1))
+        out = F.conv2d(activated, self._phase_weights(), self.conv.bias.repeat(4))  # [B, 4W, H+1, W'+1]
+        out = out.view(batch, 2, 2, channels, height + 1, width + 1)
+        phases = torch.stack(
+            [torch.stack([out[:, a, b, :, a : a + height, b : b + width] for b in range(2)], -1) for a in range(2)], -3
+        )  # [B, C, H, 2, W', 2]
+        residual = phases.reshape(batch, channels, 2 * height, 2 * width)
+        upsampled = x[:, :, :, None, :, None].expand(-1, -1, -1, 2, -1, 2).reshape_as(residual)
+        return upsampled + torch.tanh(self.gate) * residual
+
+
+class CoDeMaskerDecoder(nn.Module):
+    """Stack of upsampling blocks: [B, W_v, h, w] -> [B, W_v, h * 2^n, w * 2^n]."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList([CoDeUpsampleBlock(config) for _ in range(config.decoder_num_blocks)])
+
+    def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        for block in self.blocks:
+            x = block.plain_forward(x) if plain else block(x)
+        return x
+
+
+class CoDeMaskerProjection(nn.Module):
+    """Per-pixel LayerNorm + linear W_v -> C (no bias), initialised from CLIP's post-LN and visual projection."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        vision = config.clip_config.vision_config
+        self.layer_norm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.proj = nn.Linear(vision.hidden_size, config.clip_config.projection_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, W_v, H, W] -> [B, C, H, W]."""
+        return self.proj(self.layer_norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+class CoDeMasker(nn.Module):
+    """Trainable image side: CLIP last-block copy (self-only attention), decoder, projection, L2 norm."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        self.backbone_block = CLIPEncoderLayer(config.clip_config.vision_config)
+        self.decoder = CoDeMaskerDecoder(config)
+        self.projection = CoDeMaskerProjection(config)
+
+    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int], plain: bool = False) -> torch.Tensor:
+        """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w]."""
+        hidden_states = self_only_attention_block(self.backbone_block, hidden_states)
+        height, width = grid_size
+        feature_map = hidden_states[:, 1:].transpose(1, 2).reshape(hidden_states.shape[0], -1, height, width)
+        embeddings = self.projection(self.decoder(feature_map, plain=plain))
+        return F.normalize(embeddings, dim=1)
+
+
+class CoDeSim2Mask(nn.Module):
+    """``logits = w * cos(E, t) + b`` for every pixel embedding and text embedding."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(config.sim2mask_init_weight)))
+        self.bias = nn.Parameter(torch.tensor(float(config.sim2mask_init_bias)))
+
+    def forward(self, embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """embeddings [B, C, H, W] (unit norm), text_embeddings [M, C] (unit norm) -> logits [B, M, H, W]."""
+        return self.weight * torch.einsum("bchw,mc->bmhw", embeddings, text_embeddings) + self.bias
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text side
+# --------------------------------------------------------------------------------------------------------------
+class CoDePromptLearner(nn.Module):
+    """Learnable context (CoOp): ``[SOS] ctx_1..ctx_n <noun tokens> [EOS] pad`` as word embeddings."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        text = config.clip_config.text_config
+        self.context = nn.Parameter(torch.zeros(config.prompt_context_length, text.hidden_size))
+        self.eos_token_id = text.eos_token_id
+
+    def forward(self, noun_input_ids: torch.Tensor, token_embedding: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """noun_input_ids [N, L] (each noun tokenised alone, padded with 0) -> (embeddings [N, L, W_t], eos [N]).
+
+        The noun keeps ``L - n_ctx - 1`` positions after SOS (as if tokenised with context ``L - n_ctx``); a
+        noun too long for them is cut with EOS kept last.
+        """
+        num_rows, length = noun_input_ids.shape
+        num_context = self.context.shape[0]
+        suffix = noun_input_ids[:, 1 : length - num_context].clone()
+        is_eos = suffix == self.eos_token_id
+        suffix[~is_eos.any(1), -1] = self.eos_token_id
+        eos_index = 1 + num_context + (suffix == self.eos_token_id).int().argmax(1)
+        embeddings = torch.cat(
+            [
+                token_embedding(noun_input_ids[:, :1]),
+                self.context.to(token_embedding.weight.dtype).expand(num_rows, -1, -1),
+                token_embedding(suffix),
+            ],
+            dim=1,
+        )
+        return embeddings, eos_index
+
+
+class CoDeTextDecoder(nn.Module):
+    """Bidirectional pre-LN transformer blocks over CLIP's caption token states, unit-normalised per token."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        text = config.clip_config.text_config
+        block_config = CLIPTextConfig(
+            hidden_size=text.hidden_size,
+            intermediate_size=4 * text.hidden_size,
+            num_attention_heads=config.text_decoder_num_heads,
+            hidden_act="quick_gelu",
+            layer_norm_eps=text.layer_norm_eps,
+        )
+        block_config._attn_implementation = "sdpa"
+        self.layers = nn.ModuleList([CLIPEncoderLayer(block_config) for _ in range(config.text_decoder_num_layers)])
+
+    def forward(self, token_states: torch.Tensor) -> torch.Tensor:
+        """token_states [B, L, W_t] (all positions, padding included) -> [B, L, W_t] unit vectors."""
+        for layer in self.layers:
+            token_states = layer(token_states, None)
+        return F.normalize(token_states, dim=-1)
+
+
+class CoDeTextMaskHead(nn.Module):
+    """Word highlighting: per-token ``w_t * cos(token, noun) + b_t`` against a fixed background logit."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(config.text_mask_init_weight)))
+        self.bias = nn.Parameter(torch.tensor(float(config.text_mask_init_bias)))
+        self.background_logit = config.text_mask_background_logit
+
+    def forward(self, token_embeddings: torch.Tensor, noun_embeddings: torch.Tensor) -> torch.Tensor:
+        """token_embeddings [B, L, C], noun_embeddings [B, K, C] (unit) -> logits [B, K + 1, L] (entry 0: none)."""
+        scores = self.weight * torch.einsum("blc,bkc->bkl", token_embeddings, noun_embeddings) + self.bias
+        background = torch.full_like(scores[:, :1], self.background_logit)
+        return torch.cat([background, scores], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class CoDeModelOutput(ModelOutput):
+    """Training forward output.
+
+    Args:
+        loss: weighted sum of every term below.
+        loss_*: each weighted loss term (already multiplied by its weight).
+        positive_masks: [N, H', W'] soft masks of each row's own noun.
+        text_masks: [B, K, L] word-highlighting masks of the selected nouns.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_kg: torch.Tensor | None = None
+    loss_tcl_feature: torch.Tensor | None = None
+    loss_tcl_image: torch.Tensor | None = None
+    loss_tv_image: torch.Tensor | None = None
+    loss_tv_mask: torch.Tensor | None = None
+    loss_area_positive: torch.Tensor | None = None
+    loss_area_negative: torch.Tensor | None = None
+    loss_text_segmentation: torch.Tensor | None = None
+    loss_hcl: torch.Tensor | None = None
+    positive_masks: torch.Tensor | None = None
+    text_masks: torch.Tensor | None = None
+
+
+@dataclass
+class CoDeWindowOutput(ModelOutput):
+    """Per-window inference output.
+
+    Args:
+        masks: [B, N_cls, 4h, 4w] soft masks ``sigmoid(w * cos + b)`` of the masker.
+        kp_masks: [B, N_cls, h, w] KP-branch scores ``sigmoid((cos - offset) * scale)`` from dense CLIP features,
+            when template class embeddings were given.
+    """
+
+    masks: torch.Tensor | None = None
+    kp_masks: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+class CoDePreTrainedModel(PreTrainedModel):
+    config: CoDeConfig
+    config_class = CoDeConfig
+    base_model_prefix = "code"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["CLIPEncoderLayer", "CLIPTextEmbeddings", "CLIPVisionEmbeddings"]  # noqa: RUF012
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        config = self.config
+        if isinstance(module, CoDeModel):
+            init.zeros_(module.text_background)
+            init.zeros_(module.image_background)
+            for scale in (module.tcl_feature_logit_scale, module.tcl_image_logit_scale, module.hcl_logit_scale):
+                init.constant_(scale, config.logit_scale_init_value)
+        elif isinstance(module, CoDeUpsampleBlock):
+            init.constant_(module.gate, config.decoder_gate_init)
+            init.ones_(module.norm.weight)
+            init.zeros_(module.norm.bias)
+            init.kaiming_uniform_(module.conv.weight, a=math.sqrt(5))
+            fan_in = module.conv.weight[0].numel()
+            init.uniform_(module.conv.bias, -(fan_in**-0.5), fan_in**-0.5)
+        elif isinstance(module, CoDeSim2Mask):
+            init.constant_(module.weight, config.sim2mask_init_weight)
+            init.constant_(module.bias, config.sim2mask_init_bias)
+        elif isinstance(module, CoDeTextMaskHead):
+            init.constant_(module.weight, config.text_mask_init_weight)
+            init.constant_(module.bias, config.text_mask_init_bias)
+        elif isinstance(module, CoDePromptLearner):
+            init.normal_(module.context, std=0.02)
+        elif isinstance(module, CoDeTextDecoder):
+            for layer in module.layers:
+                for submodule in layer.modules():
+                    if isinstance(submodule, nn.Linear):
+                        init.normal_(submodule.weight, std=0.02)
+                        init.zeros_(submodule.bias)
+                    elif isinstance(submodule, nn.LayerNorm):
+                        init.ones_(submodule.weight)
+                        init.zeros_(submodule.bias)
+        elif isinstance(module, (CoDeMasker, CLIPModel)):
+            # CLIP initialises itself; the masker copies CLIP (see CoDeModel.copy_clip_into_masker).
+            pass
+
+
+class CoDeModel(CoDePreTrainedModel):
+    """CoDe: a frozen CLIP plus the trainable image and text co-decomposition modules."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__(config)
+        clip_config = config.clip_config
+        if clip_config.text_config.hidden_size != clip_config.projection_dim:
+            raise ValueError(
+                "CoDe compares text-decoder token states (CLIP text width "
+                f"{clip_config.text_config.hidden_size}) with projected noun embeddings (projection_dim "
+                f"{clip_config.projection_dim}); they must be equal, as in every OpenAI CLIP."
+            )
+        self.clip = CLIPModel._from_config(clip_config)
+        self.masker = CoDeMasker(config)
+        self.sim2mask = CoDeSim2Mask(config)
+        self.prompt_learner = CoDePromptLearner(config)
+        self.text_decoder = CoDeTextDecoder(config)
+        self.text_mask_head = CoDeTextMaskHead(config)
+        text_width = clip_config.text_config.hidden_size
+        self.text_background = nn.Parameter(torch.zeros(config.context_length, text_width))
+        size = config.image_background_size
+        self.image_background = nn.Parameter(torch.zeros(3, size, size))
+        self.tcl_feature_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.tcl_image_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.hcl_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+        self.clip.requires_grad_(False)
+        self.copy_clip_into_masker()
+
+    # ---------------------------------------------------------------- construction and training phases
+    @classmethod
+    def from_clip(cls, clip_name_or_path: str, tokenizer=None, **config_overrides) -> CoDeModel:
+        """Build CoDe on a pretrained transformers CLIP (a Hub id or a local directory).
+
+        Copies CLIP's last vision block and its post-LN/projection into the masker and initialises the prompt
+        context from the token embeddings of ``config.prompt_init_text`` (tokenised with the CLIP tokenizer
+        found at the same path unless ``tokenizer`` is given). ``config_overrides`` set CoDeConfig fields.
+        """
+        from transformers import CLIPTokenizer
+
+        clip = CLIPModel.from_pretrained(clip_name_or_path)
+        tokenizer = tokenizer or CLIPTokenizer.from_pretrained(clip_name_or_path)
+        config = CoDeConfig(clip_config=clip.config, **config_overrides)
+        model = cls(config)
+        model.clip.load_state_dict(clip.state_dict())
+        model.copy_clip_into_masker()
+        model.init_prompt_context(tokenizer)
+        return model
+
+    @torch.no_grad()
+    def copy_clip_into_masker(self) -> None:
+        """Masker block copy <- CLIP's last vision block; masker projection <- CLIP's post-LN and projection."""
+        self.masker.backbone_block.load_state_dict(self.clip.vision_model.encoder.layers[-1].state_dict())
+        self.masker.projection.layer_norm.load_state_dict(self.clip.vision_model.post_layernorm.state_dict())
+        self.masker.projection.proj.weight.copy_(self.clip.visual_projection.weight)
+
+    @torch.no_grad()
+    def init_prompt_context(self, tokenizer) -> None:
+        """Context vectors <- token embeddings of the first n_ctx tokens after SOS of ``prompt_init_text``."""
+        num_context = self.config.prompt_context_length
+        ids = tokenizer(self.config.prompt_init_text, add_special_tokens=False)["input_ids"]
+        if len(ids) < num_context:
+            raise ValueError(
+                f"prompt_init_text {self.config.prompt_init_text!r} has {len(ids)} tokens; "
+                f"{num_context} are needed to initialise the prompt context"
+            )
+        token_embedding = self.clip.text_model.embeddings.token_embedding
+        self.prompt_learner.context.copy_(token_embedding.weight[torch.tensor(ids[:num_context])])
+
+    def set_masker_backbone_trainable(self, trainable: bool) -> None:
+        """Switch the masker's CLIP block copy between frozen (phase 1) and trainable (phase 2)."""
+        self.masker.backbone_block.requires_grad_(trainable)
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Every parameter trained in some phase: everything except the frozen CLIP."""
+        return [name for name, _ in self.named_parameters() if not name.startswith("clip.")]
+
+    def train(self, mode: bool = True) -> CoDeModel:
+        """Frozen means frozen: CLIP stays in eval mode whatever the mode of the rest."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    # ---------------------------------------------------------------- frozen CLIP uses (spec §1.1)
+    def encode_image_dense(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Frozen vision tower up to (not including) the last block, at any input size.
+
+        pixel_values [B, 3, H, W] with H, W multiples of the patch size -> (hidden [B, 1 + h*w, W_v], (h, w)).
+        """
+        vision = self.clip.vision_model
+        patch = self.config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=True))
+        for layer in vision.encoder.layers[:-1]:
+            hidden = layer(hidden, None)
+        return hidden, grid
+
+    def dense_clip_features(self, hidden_before_last: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """MaskCLIP dense features: last block with self-only attention, post-LN and projection per patch.
+
+        hidden_before_last [B, 1 + h*w, W_v] -> unit-norm features [B, C, h, w].
+        """
+        vision = self.clip.vision_model
+        hidden = self_only_attention_block(vision.encoder.layers[-1], hidden_before_last)[:, 1:]
+        features = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)), dim=-1)
+        return features.transpose(1, 2).reshape(features.shape[0], -1, *grid_size)
+
+    def encode_image_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Ordinary CLIP image embedding (full attention), unit norm: [B, 3, H, W] -> [B, C]."""
+        pooled = self.clip.vision_model(pixel_values, interpolate_pos_encoding=True).pooler_output
+        return F.normalize(self.clip.visual_projection(pooled), dim=-1)
+
+    def encode_text_embeddings(
+        self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor, cut_at_eos: bool = True
+    ) -> torch.Tensor:
+        """Causal CLIP text tower from word embeddings (before position embeddings), pooled at ``eos_index``.
+
+        inputs_embeds [N, L, W_t], eos_index [N] -> unit-norm embeddings [N, C]. The tower is causal, so the EOS
+        feature only depends on positions up to it: with ``cut_at_eos`` the batch runs only up to its longest
+        EOS (identical result, less work).
+        """
+        text = self.clip.text_model
+        length = int(eos_index.max()) + 1 if cut_at_eos else inputs_embeds.shape[1]
+        hidden = inputs_embeds[:, :length] + text.embeddings.position_embedding.weight[:length]
+        mask = causal_attention_mask(length, hidden.dtype, hidden.device)
+        for layer in text.encoder.layers:
+            hidden = layer(hidden, mask)
+        pooled = text.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index])
+        return F.normalize(self.clip.text_projection(pooled), dim=-1)
+
+    def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index of the first EOS token of each row of input_ids [N, L] -> [N]."""
+        return (input_ids == self.config.clip_config.text_config.eos_token_id).int().argmax(-1)
+
+    def encode_text(self, input_ids: torch.Tensor, cut_at_eos: bool = True) -> torch.Tensor:
+        """Ordinary CLIP text embedding from token ids [N, L] -> unit-norm [N, C]."""
+        word_embeddings = self.clip.text_model.embeddings.token_embedding(input_ids)
+        return self.encode_text_embeddings(word_embeddings, self.eos_positions(input_ids), cut_at_eos)
+
+    def encode_caption_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state of every token after CLIP's last text block, before the final LN: [B, L] -> [B, L, W_t]."""
+        text = self.clip.text_model
+        hidden = text.embeddings(input_ids=input_ids)
+        mask = causal_attention_mask(hidden.shape[1], hidden.dtype, hidden.device)
+        for layer in text.encoder.layers:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    # ---------------------------------------------------------------- CoDe text pieces
+    def encode_nouns(self, noun_input_ids: torch.Tensor, cut_at_eos: bool = True) -> torch.Tensor:
+        """Prompted noun embeddings (spec §1.4): noun ids [N, L] -> unit-norm [N, C]."""
+        embeddings, eos_index = self.prompt_learner(noun_input_ids, self.clip.text_model.embeddings.token_embedding)
+        return self.encode_text_embeddings(embeddings, eos_index, cut_at_eos)
+
+    @torch.no_grad()
+    def get_class_embeddings(self, class_input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C]."""
+        return self.encode_nouns(class_input_ids)
+
+    @torch.no_grad()
+    def get_template_class_embeddings(self, template_input_ids: torch.Tensor, num_templates: int) -> torch.Tensor:
+        """Template-ensembled frozen CLIP class embeddings for the KP branch.
+
+        template_input_ids [N_cls * T, L] (class-major) -> mean of unit embeddings, re-normalised: [N_cls, C].
+        """
+        embeddings = self.encode_text(template_input_ids).view(-1, num_templates, self.config.clip_config.projection_dim)
+        return F.normalize(embeddings.mean(1), dim=-1)
+
+    # ---------------------------------------------------------------- inference building block
+    @torch.no_grad()
+    def segment_window(
+        self,
+        pixel_values: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        kp_class_embeddings: torch.Tensor | None = None,
+        plain: bool = False,
+    ) -> CoDeWindowOutput:
+        """Soft masks for windows already padded to multiples of the patch size (spec §3.2 steps 2 and 4).
+
+        pixel_values [B, 3, H, W]; class_embeddings [N_cls, C] (prompted); kp_class_embeddings [N_cls, C]
+        (template ensembles) or None to skip the KP branch. ``plain`` runs the reference decoder.
+        """
+        hidden, grid = self.encode_image_dense(pixel_values)
+        embeddings = self.masker(hidden, grid, plain=plain)
+        masks = torch.sigmoid(self.sim2mask(embeddings, class_embeddings.to(embeddings.dtype)))
+        kp_masks = None
+        if kp_class_embeddings is not None:
+            dense = self.dense_clip_features(hidden, grid)
+            cosine = torch.einsum("bchw,nc->bnhw", dense, kp_class_embeddings.to(dense.dtype))
+            kp_masks = torch.sigmoid((cosine - self.config.kp_cos_offset) * self.config.kp_cos_scale)
+        return CoDeWindowOutput(masks=masks, kp_masks=kp_masks)
+
+    # ---------------------------------------------------------------- training forward (spec §2.2)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        caption_input_ids: torch.Tensor,
+        noun_input_ids: torch.Tensor,
+        template_input_ids: torch.Tensor,
+        text_labels: torch.Tensor,
+    ) -> CoDeModelOutput:
+        """One training step's losses.
+
+        Args:
+            pixel_values: [B, 3, S, S] training crops.
+            caption_input_ids: [B, L] caption tokens (padded with 0).
+            noun_input_ids: [N, L] the K sampled nouns of each caption, noun-major (row ``k * B + b``).
+            template_input_ids: [N, L] each noun in a random ImageNet template (kg loss), same layout.
+            text_labels: [B, L] pseudo text labels: -1 ignore, 0 other nouns, k for the k-th sampled noun.
+        """
+        config = self.config
+        batch_size = pixel_values.shape[0]
+        num_words = noun_input_ids.shape[0] // batch_size
+
+        # 1-2. frozen dense pass, masker -> E [B, C, H', W'], repeated per noun row -> [N, C, H', W']
+        with torch.no_grad():
+            hidden, grid = self.encode_image_dense(pixel_values)
+        image_embeddings = self.masker(hidden, grid)
+        row_embeddings = image_embeddings.repeat(num_words, 1, 1, 1)
+
+        # 3. prompted noun embeddings t [N, C]; frozen template embeddings for the kg loss
+        noun_embeddings = self.encode_nouns(noun_input_ids)
+        with torch.no_grad():
+            template_embeddings = self.encode_text(template_input_ids)
+
+        # 4. every row against every noun of the global batch -> soft/hard masks [N, N_global, H', W']
+        rank, _ = _world()
+        num_rows = noun_embeddings.shape[0]
+        all_noun_embeddings = gather_with_grad(noun_embeddings)
+        mask_logits = self.sim2mask(row_embeddings, all_noun_embeddings)
+        soft_masks = torch.sigmoid(mask_logits)
+        rows = torch.arange(num_rows, device=soft_masks.device)
+        positive = torch.zeros(soft_masks.shape[:2], dtype=torch.bool, device=soft_masks.device)
+        positive[rows, rows + rank * num_rows] = True
+        positive_logits = mask_logits[rows, rows + rank * num_rows]
+        hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau)
+
+        # 5a. image side: mask-pooled features vs nouns, region highlighting
+        tcl_feature = self._tcl_feature_logits(row_embeddings, soft_masks, all_noun_embeddings)
+        region_embeddings = self._highlight_regions(pixel_values, hard_positive_masks, num_words)
+        all_region_embeddings = gather_with_grad(region_embeddings)
+
+        # 5b. text side: word highlighting and highlighted captions
+        text_logits, highlighted_text = self._highlight_words(caption_input_ids, noun_embeddings, num_words)
+
+        losses = {
+            "kg": 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
+            "tcl_feature": symmetric_infonce(tcl_feature),
+            "tcl_image": symmetric_infonce(
+                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings @ all_noun_embeddings.t()
+            ),
+            "tv_image": total_variation(image_embeddings),
+            "tv_mask": total_variation(soft_masks),
+            "area_positive": (soft_masks[positive].mean() - config.area_positive_prior).abs(),
+            "area_negative": (soft_masks[~positive].mean() - config.area_negative_prior).abs()
+            if (~positive).any()
+            else soft_masks.new_zeros(()),
+            "text_segmentation": F.cross_entropy(
+                text_logits,
+                text_labels,
+                weight=self._text_class_weights(num_words, text_logits),
+                ignore_index=-1,
+            ),
+            "hcl": symmetric_infonce(
+                self._logit_scale(self.hcl_logit_scale) * highlighted_text @ all_region_embeddings.t()
+            ),
+        }
+        weights = {
+            "kg": config.loss_kg_weight,
+            "tcl_feature": config.loss_tcl_feature_weight,
+            "tcl_image": config.loss_tcl_image_weight,
+            "tv_image": config.loss_tv_image_weight,
+            "tv_mask": config.loss_tv_mask_weight,
+            "area_positive": config.loss_area_positive_weight,
+            "area_negative": config.loss_area_negative_weight,
+            "text_segmentation": config.loss_text_segmentation_weight,
+            "hcl": config.loss_hcl_weight,
+        }
+        weighted = {f"loss_{name}": weights[name] * value for name, value in losses.items()}
+        text_masks = text_logits.softmax(1)[:, 1:]
+        return CoDeModelOutput(
+            loss=sum(weighted.values()),
+            **weighted,
+            positive_masks=soft_masks[positive].view(num_rows, *soft_masks.shape[2:]).detach(),
+            text_masks=text_masks.detach(),
+        )
+
+    # ---------------------------------------------------------------- training helpers
+    def _logit_scale(self, log_scale: torch.Tensor) -> torch.Tensor:
+        return log_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    def _text_class_weights(self, num_words: int, like: torch.Tensor) -> torch.Tensor:
+        weights = torch.ones(num_words + 1, dtype=like.dtype, device=like.device)
+        weights[0] = self.config.text_segmentation_background_weight
+        return weights
+
+    def _tcl_feature_logits(
+        self, row_embeddings: torch.Tensor, soft_masks: torch.Tensor, all_noun_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """Row i's embeddings pooled with its soft mask for noun j, cosine with noun j, scaled: [N, N_global]."""
+        pooled = torch.einsum("nchw,nmhw->nmc", row_embeddings, soft_masks)
+        pooled = pooled / (soft_masks.sum((-2, -1))[..., None] + self.config.mask_pool_eps)
+        cosine = (F.normalize(pooled, dim=-1) * all_noun_embeddings[None]).sum(-1)
+        return self._logit_scale(self.tcl_feature_logit_scale) * cosine
+
+    def _highlight_regions(self, pixel_values: torch.Tensor, hard_masks: torch.Tensor, num_words: int) -> torch.Tensor:
+        """Each row's image with its hard positive mask kept and the rest replaced by the learnable background.
+
+        pixel_values [B, 3, S, S], hard_masks [N, H', W'] -> frozen CLIP image embeddings [N, C].
+        """
+        size = pixel_values.shape[-2:]
+        masks = F.interpolate(hard_masks[:, None], size=size, mode="nearest")
+        background = F.interpolate(self.image_background[None], size=size, mode="bilinear", align_corners=False)
+        images = pixel_values.repeat(num_words, 1, 1, 1)
+        return self.encode_image_global(masks * images + (1 - masks) * background)
+
+    def _highlight_words(
+        self, caption_input_ids: torch.Tensor, noun_embeddings: torch.Tensor, num_words: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text masks of the selected nouns and the highlighted captions' embeddings.
+
+        Returns (logits [B, K + 1, L] for the text segmentation loss, highlighted text embeddings [N, C]).
+        """
+        batch_size, length = caption_input_ids.shape
+        with torch.no_grad():
+            token_states = self.encode_caption_tokens(caption_input_ids)
+        tokens = self.text_decoder(token_states)
+        nouns = noun_embeddings.view(num_words, batch_size, -1).transpose(0, 1)  # [B, K, C]
+        logits = self.text_mask_head(tokens, nouns)
+        masks = logits.softmax(1)[:, 1:]  # [B, K, L]
+        eos_index = self.eos_positions(caption_input_ids)
+        positions = torch.arange(length, device=caption_input_ids.device)
+        keep = (positions[None] == 0) | (positions[None] >= eos_index[:, None])  # SOS, EOS and beyond
+        masks = torch.where(keep[:, None], torch.ones_like(masks), masks)
+        word_embeddings = self.clip.text_model.embeddings.token_embedding(caption_input_ids)  # [B, L, W_t]
+        mixed = masks[..., None] * word_embeddings[:, None] + (1 - masks[..., None]) * self.text_background
+        mixed = mixed.transpose(0, 1).reshape(num_words * batch_size, length, -1)  # noun-major rows
+        highlighted = self.encode_text_embeddings(mixed, eos_index.repeat(num_words))
+        return logits, highlighted
+
+
+__all__ = ["CoDeConfig", "CoDeModel", "CoDeModelOutput", "CoDePreTrainedModel", "CoDeWindowOutput"]

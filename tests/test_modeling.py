@@ -1,0 +1,318 @@
+"""CoDeModel: construction from CLIP, every building block against a direct computation, losses, training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_CODE_OVERRIDES, pad_token_ids
+from transformers import AutoConfig, AutoModel
+
+from modeling_code import CoDeConfig, CoDeModel
+from modeling_code.modeling_code import (
+    CoDeUpsampleBlock,
+    gumbel_sigmoid_straight_through,
+    self_only_attention_block,
+    symmetric_infonce,
+    total_variation,
+)
+
+
+def make_batch(tokenizer, batch_size: int = 2, image_size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    captions = ["a red cat on the sofa near a table", "a dog and a car on the road", "a bird over the water"]
+    nouns = [["cat", "dog", "bird"], ["sofa", "car", "water"]]
+    labels = torch.full((batch_size, 77), -1)
+    caption_ids = pad_token_ids(tokenizer, captions[:batch_size])
+    for row, (first, second) in enumerate(zip(nouns[0][:batch_size], nouns[1][:batch_size])):
+        for k, noun in enumerate((first, second), start=1):
+            noun_id = tokenizer(noun, add_special_tokens=False)["input_ids"][0]
+            labels[row][caption_ids[row] == noun_id] = k
+    noun_rows = nouns[0][:batch_size] + nouns[1][:batch_size]  # noun-major
+    return {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "caption_input_ids": caption_ids,
+        "noun_input_ids": pad_token_ids(tokenizer, noun_rows),
+        "template_input_ids": pad_token_ids(tokenizer, [f"a bad photo of a {n}." for n in noun_rows]),
+        "text_labels": labels,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_defaults_follow_the_spec():
+    config = CoDeConfig()
+    assert config.model_type == "code"
+    assert config.clip_config.vision_config.hidden_size == 768
+    assert config.clip_config.projection_dim == 512
+    assert (config.sim2mask_init_weight, config.sim2mask_init_bias) == (10.0, -2.5)
+    assert config.prompt_context_length == 16 and config.num_words == 2
+    assert config.loss_kg_weight == 8.0 and config.loss_hcl_weight == 0.5 and config.area_positive_prior == 0.25
+    assert config.pamr_dilations == [1, 2, 4, 8, 12, 24] and config.pamr_iterations == 10
+    assert (config.window_size, config.window_stride, config.background_threshold, config.kp_weight) == (448, 224, 0.4, 0.3)
+
+
+def test_config_round_trip_and_validation(tmp_path, tiny_clip_config):
+    config = CoDeConfig(clip_config=tiny_clip_config, num_words=3, **TINY_CODE_OVERRIDES)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, CoDeConfig)
+    assert loaded.num_words == 3 and loaded.clip_config.vision_config.hidden_size == 48
+    with pytest.raises(ValueError, match="text_decoder_num_heads"):
+        CoDeConfig(clip_config=tiny_clip_config, text_decoder_num_heads=5)
+
+
+# ------------------------------------------------------------------------------------------------ init
+def test_single_frozen_clip_and_initialisation_from_clip(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model
+    clip_modules = [name for name, module in model.named_modules() if type(module).__name__ == "CLIPModel"]
+    assert clip_modules == ["clip"]
+    assert all(not p.requires_grad for p in model.clip.parameters())
+    last = model.clip.vision_model.encoder.layers[-1].state_dict()
+    copy = model.masker.backbone_block.state_dict()
+    assert all(torch.equal(last[key], copy[key]) for key in last)
+    assert torch.equal(model.masker.projection.proj.weight, model.clip.visual_projection.weight)
+    assert torch.equal(model.masker.projection.layer_norm.weight, model.clip.vision_model.post_layernorm.weight)
+    ids = tiny_tokenizer(model.config.prompt_init_text, add_special_tokens=False)["input_ids"][:16]
+    expected = model.clip.text_model.embeddings.token_embedding.weight[torch.tensor(ids)]
+    assert torch.equal(model.prompt_learner.context, expected)
+    assert all(float(block.gate.detach()) == 0.0 for block in model.masker.decoder.blocks)
+
+
+def test_decoder_is_nearest_upsampling_at_init(tiny_code_model):
+    x = torch.randn(2, 48, 3, 5)
+    out = tiny_code_model.masker.decoder(x)
+    assert out.shape == (2, 48, 12, 20)
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=4, mode="nearest"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (7, 4)])
+def test_phase_convolution_equals_plain_block(tiny_clip_config, size):
+    torch.manual_seed(1)
+    block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
+    with torch.no_grad():
+        block.gate.fill_(0.7)
+        block.norm.weight.normal_()
+        block.norm.bias.normal_()
+    x = torch.randn(2, 48, *size)
+    torch.testing.assert_close(block(x), block.plain_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_path_matches_direct_computation(tiny_code_model):
+    model = tiny_code_model
+    pixels = torch.randn(1, 3, 40, 24)  # not the pretraining size: position embeddings are interpolated
+    hidden, grid = model.encode_image_dense(pixels)
+    assert grid == (5, 3) and hidden.shape == (1, 16, 48)
+    reference = model.clip.vision_model(pixels, interpolate_pos_encoding=True, output_hidden_states=True)
+    torch.testing.assert_close(hidden, reference.hidden_states[-2])
+    # self-only attention == full attention block with every off-diagonal score masked out
+    last = model.clip.vision_model.encoder.layers[-1]
+    diagonal = torch.full((16, 16), torch.finfo(torch.float32).min).fill_diagonal_(0)[None, None]
+    torch.testing.assert_close(self_only_attention_block(last, hidden), last(hidden, diagonal), rtol=1e-5, atol=1e-5)
+    features = model.dense_clip_features(hidden, grid)
+    direct = model.clip.visual_projection(model.clip.vision_model.post_layernorm(last(hidden, diagonal)[:, 1:]))
+    direct = F.normalize(direct, dim=-1).transpose(1, 2).reshape(1, 32, 5, 3)
+    torch.testing.assert_close(features, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_text_embeddings_match_clip_and_cut_at_eos_is_exact(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model
+    ids = pad_token_ids(tiny_tokenizer, ["a cat", "a photo of a big red dog on the grass", "sky"])
+    ours = model.encode_text(ids)
+    plain = model.encode_text(ids, cut_at_eos=False)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    clip = model.clip.get_text_features(input_ids=ids)
+    clip = clip.pooler_output if hasattr(clip, "pooler_output") else clip
+    torch.testing.assert_close(ours, F.normalize(clip, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_prompted_nouns_layout(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model
+    ids = pad_token_ids(tiny_tokenizer, ["cat", "traffic light"])
+    embeddings, eos = model.prompt_learner(ids, model.clip.text_model.embeddings.token_embedding)
+    assert embeddings.shape == (2, 77, 32)
+    noun_length = (ids != 0).sum(1) - 1  # tokens + EOS, SOS dropped
+    assert eos.tolist() == (16 + noun_length).tolist()
+    torch.testing.assert_close(embeddings[:, 1:17], model.prompt_learner.context.expand(2, -1, -1))
+    token_embedding = model.clip.text_model.embeddings.token_embedding
+    torch.testing.assert_close(embeddings[0, 17], token_embedding.weight[ids[0, 1]])
+    # a noun longer than the room left after the context is cut with EOS kept last
+    long_ids = pad_token_ids(tiny_tokenizer, [" ".join(["cat"] * 70)])
+    _, eos_long = model.prompt_learner(long_ids, token_embedding)
+    assert int(eos_long) == 76
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_sim2mask_formula(tiny_code_model):
+    embeddings = F.normalize(torch.randn(2, 32, 4, 4), dim=1)
+    text = F.normalize(torch.randn(3, 32), dim=1)
+    logits = tiny_code_model.sim2mask(embeddings, text)
+    expected = 10.0 * torch.einsum("bchw,mc->bmhw", embeddings, text) - 2.5
+    torch.testing.assert_close(logits, expected)
+
+
+def test_gumbel_straight_through():
+    torch.manual_seed(0)
+    logits = torch.tensor([-30.0, 30.0, 0.0, 1.0], requires_grad=True)
+    hard = gumbel_sigmoid_straight_through(logits.expand(4000, 4))
+    assert set(hard.detach().unique().tolist()) <= {0.0, 1.0}
+    assert hard[:, 0].sum() == 0 and hard[:, 1].sum() == 4000
+    frequency = hard.detach().mean(0)
+    torch.testing.assert_close(frequency[2:], torch.sigmoid(logits[2:].detach()), atol=0.03, rtol=0)
+    hard.sum().backward()
+    assert logits.grad[2] > 0 and logits.grad[0] < 1e-6  # the soft path's gradient reaches the logits
+
+
+def test_symmetric_infonce_and_total_variation():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 1.0, 0.3], [0.0, -0.2, 3.0]])
+    rows = F.cross_entropy(logits, torch.arange(3))
+    columns = F.cross_entropy(logits.t(), torch.arange(3))
+    torch.testing.assert_close(symmetric_infonce(logits), (rows + columns) / 2)
+    ramp = torch.arange(5.0).expand(5, 5)
+    assert float(total_variation(ramp)) == pytest.approx(1.0)
+    assert float(total_variation(torch.ones(3, 4, 4))) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def test_training_forward_shapes_and_losses(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model.train()
+    assert not model.clip.training and model.masker.training
+    out = model(**make_batch(tiny_tokenizer))
+    names = ["kg", "tcl_feature", "tcl_image", "tv_image", "tv_mask", "area_positive", "area_negative",
+             "text_segmentation", "hcl"]
+    assert next(iter(out.keys())) == "loss"
+    terms = [out[f"loss_{name}"] for name in names]
+    assert all(term.dim() == 0 and torch.isfinite(term) for term in terms)
+    for name in ("kg", "tcl_feature", "tcl_image", "text_segmentation", "hcl"):
+        assert out[f"loss_{name}"] > 0, name
+    torch.testing.assert_close(out.loss, sum(terms))
+    assert out.positive_masks.shape == (4, 16, 16) and out.text_masks.shape == (2, 2, 77)
+
+
+def test_area_and_tv_losses_at_constant_masks(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model
+    with torch.no_grad():
+        model.sim2mask.weight.zero_()
+        model.sim2mask.bias.fill_(torch.logit(torch.tensor(0.25)))
+    out = model(**make_batch(tiny_tokenizer))
+    assert float(out.loss_area_positive) == pytest.approx(0.0, abs=1e-6)  # exactly at the prior
+    assert float(out.loss_area_negative) == pytest.approx(0.05 * 0.25, abs=1e-6)  # one-sided: only negatives
+    assert float(out.loss_tv_mask) == 0.0
+
+
+def test_gradients_reach_trainable_parameters_only(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model.train()
+    with torch.no_grad():  # zero gates (the initial state) would block the convolutions' gradients
+        for block in model.masker.decoder.blocks:
+            block.gate.fill_(0.1)
+    model(**make_batch(tiny_tokenizer)).loss.backward()
+    # the block copy runs with self-only attention: its query/key projections are unused by design
+    unused = {f"masker.backbone_block.self_attn.{p}_proj.{t}" for p in ("q", "k") for t in ("weight", "bias")}
+    for name, parameter in model.named_parameters():
+        if name.startswith("clip."):
+            assert parameter.grad is None, name
+        elif name not in unused:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_phase_switch_freezes_only_the_block_copy(tiny_code_model):
+    model = tiny_code_model
+    model.set_masker_backbone_trainable(False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n in frozen if not n.startswith("clip.")} == {
+        n for n, _ in model.named_parameters() if n.startswith("masker.backbone_block.")
+    }
+    model.set_masker_backbone_trainable(True)
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("clip."))
+    assert "clip.logit_scale" not in model.trainable_parameter_names()
+
+
+def test_loss_falls_and_clip_stays_unchanged(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model.train()
+    clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    batch = make_batch(tiny_tokenizer)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(30):
+        torch.manual_seed(step)  # same Gumbel noise pattern per step keeps the comparison about learning
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert all(torch.equal(clip_before[k], v) for k, v in model.clip.state_dict().items())
+
+
+def test_bf16_autocast_on_cpu(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**make_batch(tiny_tokenizer))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.masker.decoder.blocks[0].conv.weight.grad is not None
+
+
+def test_segment_window_shapes(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model
+    classes = pad_token_ids(tiny_tokenizer, ["cat", "dog", "sky"])
+    prompted = model.get_class_embeddings(classes)
+    templates = pad_token_ids(tiny_tokenizer, [f"a photo of a {c}." for c in ("cat", "dog", "sky") for _ in range(2)])
+    kp = model.get_template_class_embeddings(templates, num_templates=2)
+    assert prompted.shape == kp.shape == (3, 32)
+    torch.testing.assert_close(kp.norm(dim=-1), torch.ones(3))
+    out = model.segment_window(torch.randn(2, 3, 24, 40), prompted, kp)
+    assert out.masks.shape == (2, 3, 12, 20) and out.kp_masks.shape == (2, 3, 3, 5)
+    assert float(out.masks.min()) >= 0 and float(out.masks.max()) <= 1
+    with torch.no_grad():
+        for block in model.masker.decoder.blocks:
+            block.gate.fill_(0.5)
+    pixels = torch.randn(2, 3, 24, 40)
+    plain = model.segment_window(pixels, prompted, None, plain=True)
+    fast = model.segment_window(pixels, prompted, None)
+    torch.testing.assert_close(plain.masks, fast.masks, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def test_save_and_auto_load_are_bit_identical(tiny_code_model, tiny_tokenizer, tmp_path):
+    model = tiny_code_model.eval()
+    with torch.no_grad():
+        model.masker.decoder.blocks[0].gate.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_code.CoDeModel"
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CoDeModel)
+    classes = pad_token_ids(tiny_tokenizer, ["cat", "dog"])
+    pixels = torch.randn(1, 3, 32, 32)
+    a = model.segment_window(pixels, model.get_class_embeddings(classes))
+    b = loaded.segment_window(pixels, loaded.get_class_embeddings(classes))
+    assert torch.equal(a.masks, b.masks)
+
+
+def test_remote_code_loads_without_the_package(tiny_code_model, tmp_path):
+    tiny_code_model.save_pretrained(tmp_path / "model")
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "modeling_code" or name.startswith("modeling_code."):
+                    raise ImportError("package hidden for this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        print(type(model).__name__, sum(p.numel() for p in model.parameters()))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = sum(p.numel() for p in tiny_code_model.parameters())
+    assert result.stdout.split()[-2:] == ["CoDeModel", str(expected)]
