@@ -1,0 +1,231 @@
+"""``CoDeProcessor``: images, captions and class names -> the tensors the CoDe model consumes.
+
+It pairs a ``CoDeImageProcessor`` with a CLIP BPE tokenizer and adds the text decomposition of the
+training data (spec §2.1): caption nouns, K sampled nouns, their prompt templates and pseudo word
+labels. Token sequences are CLIP's: SOS, tokens, EOS, padded with id 0 (not the EOS id that
+transformers' CLIP tokenizers pad with; the non-causal text decoder sees the padding).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import BatchFeature, CLIPTokenizer
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_code import CoDeImageProcessor, ImageLike
+from .templates import get_templates
+from .text_decomposition import NounDecomposer, pseudo_text_labels
+
+# Hub/cache options of ``from_pretrained`` that the image processor and the tokenizer also need.
+SUB_PROCESSOR_LOADING_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+)
+PER_NOUN_KEYS = ("noun_input_ids", "template_input_ids")
+
+
+class CoDeProcessor(ProcessorMixin):
+    r"""Processor of CoDe.
+
+    Args:
+        image_processor: a ``CoDeImageProcessor`` (a default one if ``None``).
+        tokenizer: a CLIP BPE tokenizer (``CLIPTokenizer``).
+        spacy_model: spaCy pipeline used to find the nouns of captions.
+        num_words: K, nouns sampled per caption.
+        context_length: L, positions per token sequence.
+        kg_template_set: template set (``templates.TEMPLATE_SETS``) filled with each sampled noun
+            for the knowledge-guidance loss; one template is drawn at random per noun.
+        inference_template_set: template set whose prompts are averaged per class at inference.
+    """
+
+    def __init__(
+        self,
+        image_processor: CoDeImageProcessor | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        spacy_model: str = "en_core_web_sm",
+        num_words: int = 2,
+        context_length: int = 77,
+        kg_template_set: str = "imagenet",
+        inference_template_set: str = "custom",
+    ) -> None:
+        if image_processor is None:
+            image_processor = CoDeImageProcessor()
+        if not isinstance(image_processor, CoDeImageProcessor):
+            raise TypeError(f"image_processor must be a CoDeImageProcessor; got {type(image_processor).__name__}.")
+        if tokenizer is None:
+            raise ValueError("CoDeProcessor needs a CLIP tokenizer, e.g. CLIPTokenizer.from_pretrained(<clip id>).")
+        if context_length < 2:
+            raise ValueError(f"context_length must hold at least SOS and EOS (2); got {context_length}.")
+        super().__init__(image_processor, tokenizer)
+        self.spacy_model = spacy_model
+        self.num_words = num_words
+        self.context_length = context_length
+        self.kg_template_set = kg_template_set
+        self.inference_template_set = inference_template_set
+        self.kg_templates = get_templates(kg_template_set)
+        self.inference_templates = get_templates(inference_template_set)
+        self.noun_decomposer = NounDecomposer(spacy_model, num_words)
+
+    @classmethod
+    def _get_arguments_from_pretrained(
+        cls, pretrained_model_name_or_path: Any, processor_dict: dict | None = None, **kwargs: Any
+    ) -> list[Any]:
+        # Load the two parts by their own classes, so no Auto* registration is needed (local or Hub code).
+        loading_kwargs = {key: kwargs[key] for key in SUB_PROCESSOR_LOADING_KWARGS if key in kwargs}
+        image_processor = CoDeImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading_kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **loading_kwargs)
+        return [image_processor, tokenizer]
+
+    # ----------------------------------------------------------------------------------- text
+
+    def tokenize_with_truncation_flags(
+        self, texts: str | Sequence[str], context_length: int | None = None
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """``tokenize`` that also reports which texts did not fit (no warning is logged).
+
+        Returns:
+            ``(input_ids, truncated)``: a ``torch.LongTensor`` [N, L] and one bool per text.
+        """
+        length = self.context_length if context_length is None else context_length
+        if length < 2:
+            raise ValueError(f"context_length must hold at least SOS and EOS (2); got {length}.")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        input_ids = torch.zeros(len(texts), length, dtype=torch.long)
+        truncated: list[bool] = []
+        for row, tokens in enumerate(self._bpe_ids(texts)):
+            sequence = [self.tokenizer.bos_token_id, *tokens, self.tokenizer.eos_token_id]
+            truncated.append(len(sequence) > length)
+            if len(sequence) > length:
+                sequence = [*sequence[: length - 1], self.tokenizer.eos_token_id]
+            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        return input_ids, truncated
+
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """CLIP token ids: SOS, BPE tokens, EOS, then 0 up to L positions.
+
+        Texts longer than L are cut to L positions with EOS kept as the last one.
+
+        Args:
+            texts: one text or a list of N texts.
+            context_length: L (``self.context_length`` if ``None``).
+
+        Returns:
+            ``torch.LongTensor`` [N, L].
+        """
+        return self.tokenize_with_truncation_flags(texts, context_length)[0]
+
+    def _bpe_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """BPE token ids of each text, without special tokens and without truncation."""
+        if not texts:
+            return []
+        # verbose=False: over-long texts are handled (and reported) by the caller, not logged.
+        return self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+
+    # ------------------------------------------------------------------------------- training
+
+    def prepare_training_sample(self, image: ImageLike, caption: str, rng: random.Random) -> dict[str, torch.Tensor]:
+        """One training example (spec §2.1).
+
+        The noun check runs before the image is decoded, so unusable captions cost no decoding.
+
+        Args:
+            image: anything ``CoDeImageProcessor.load_image`` accepts.
+            caption: the paired caption.
+            rng: source of all randomness (noun sampling, crop and flip, template choice).
+
+        Returns:
+            ``pixel_values`` [3, S, S] float, ``caption_input_ids`` [L], ``noun_input_ids`` [K, L]
+            (each sampled noun tokenised alone), ``template_input_ids`` [K, L] (a random template of
+            ``kg_template_set`` filled with each noun) and ``text_labels`` [L] (pseudo labels: -1,
+            0 for any noun, k for the k-th sampled noun); integer tensors are int64.
+
+        Raises:
+            NotEnoughNounsError: the caption has fewer than K distinct nouns.
+            InvalidImageError: the image cannot be loaded.
+        """
+        nouns = self.noun_decomposer.extract_nouns(caption)
+        selected = self.noun_decomposer.sample_nouns(nouns, rng, caption=caption)
+        pixel_values = self.image_processor.preprocess_train(image, np.random.default_rng(rng.getrandbits(64)))
+        prompts = [rng.choice(self.kg_templates).format(noun) for noun in selected]
+
+        caption_input_ids = self.tokenize([caption])[0]
+        noun_token_ids = dict(zip(nouns, self._bpe_ids(nouns)))
+        text_labels = pseudo_text_labels(
+            caption_input_ids.tolist(),
+            list(noun_token_ids.values()),
+            [noun_token_ids[noun] for noun in selected],
+        )
+        return {
+            "pixel_values": pixel_values,
+            "caption_input_ids": caption_input_ids,
+            "noun_input_ids": self.tokenize(selected),
+            "template_input_ids": self.tokenize(prompts),
+            "text_labels": torch.tensor(text_labels, dtype=torch.long),
+        }
+
+    @staticmethod
+    def collate_training(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Batch training examples from ``prepare_training_sample``.
+
+        Returns:
+            ``pixel_values`` [B, 3, S, S], ``caption_input_ids`` [B, L], ``text_labels`` [B, L], and
+            ``noun_input_ids`` / ``template_input_ids`` [K*B, L] stacked noun-major: row k*B + b is
+            noun k of sample b.
+        """
+        if not samples:
+            raise ValueError("Cannot collate an empty list of samples.")
+        batch = {}
+        for key in samples[0]:
+            stacked = torch.stack([sample[key] for sample in samples])
+            if key in PER_NOUN_KEYS:
+                # [B, K, L] -> [K, B, L] -> [K*B, L]
+                stacked = stacked.transpose(0, 1).reshape(-1, stacked.shape[-1])
+            batch[key] = stacked
+        return batch
+
+    # ------------------------------------------------------------------------------ inference
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        class_names: Sequence[str] | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Inference inputs.
+
+        Args:
+            images: one image or a list (see ``CoDeImageProcessor.preprocess``).
+            class_names: the N class names of the vocabulary.
+            return_tensors: only ``"pt"`` (torch) is supported.
+
+        Returns:
+            ``BatchFeature`` with, for images, ``pixel_values`` and ``original_sizes``; for class
+            names, ``class_input_ids`` [N, L] and ``template_input_ids`` [N*T, L] class-major (row
+            n*T + t is template t of class n; T = ``len(self.inference_templates)``).
+        """
+        if images is None and class_names is None:
+            raise ValueError("Give images, class_names or both.")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"CoDeProcessor returns torch tensors only; got return_tensors={return_tensors!r}.")
+        data: dict[str, Any] = {}
+        if images is not None:
+            data.update(self.image_processor.preprocess(images))
+        if class_names is not None:
+            if isinstance(class_names, str):
+                raise TypeError("class_names must be a list of strings, not a single string.")
+            class_names = list(class_names)
+            data["class_input_ids"] = self.tokenize(class_names)
+            data["template_input_ids"] = self.tokenize(
+                [template.format(name) for name in class_names for template in self.inference_templates]
+            )
+        return BatchFeature(data)
