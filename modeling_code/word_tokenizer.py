@@ -32,6 +32,17 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in characters]
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, index = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces = [*pieces[:index], pieces[index] + pieces[index + 1], *pieces[index + 2:]]
+    return pieces
+
+
 def build_clip_tokenizer(words: Iterable[str], save_directory: str | Path) -> CLIPTokenizer:
     """Write ``vocab.json``/``merges.txt`` for ``words`` into ``save_directory`` and load them.
 
@@ -50,17 +61,20 @@ def build_clip_tokenizer(words: Iterable[str], save_directory: str | Path) -> CL
     for token in base + [c + "</w>" for c in base]:
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.strip().lower() for w in words if w.strip()}):
         if not word.isalpha() or len(word) < 2:
             continue
-        pieces = [*list(word[:-1]), word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            pair = (merged, piece)
-            merged = merged + piece
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append(pair)
+        # BPE applies merges by rank across all words, so first see how far the existing merges take this
+        # word, then chain new merges from its first piece until it is one token. New merges rank last, so
+        # words added earlier keep their single token.
+        pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = _apply_merges([pair[0] + pair[1], *pieces[2:]], ranks)
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
     (save_directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
