@@ -22,6 +22,8 @@ class CoDeConfig(PreTrainedConfig):
             Sim2Mask ``logits = w * cos + b`` initial scalars.
         gumbel_tau (`float`, defaults to 1.0):
             Temperature of the Gumbel-sigmoid used for hard masks in training.
+        gumbel_noise (`bool`, defaults to True):
+            Sample the hard masks with logistic noise; False thresholds the logits at 0 (deterministic runs).
         prompt_context_length (`int`, defaults to 16):
             Learnable context vectors of the prompted noun encoder.
         prompt_init_text (`str`):
@@ -72,6 +74,7 @@ class CoDeConfig(PreTrainedConfig):
     sim2mask_init_weight: float = 10.0
     sim2mask_init_bias: float = -2.5
     gumbel_tau: float = 1.0
+    gumbel_noise: bool = True
     # prompted noun encoder
     prompt_context_length: int = 16
     prompt_init_text: str = "A photo of x x x x x x x x x x x x x x x x"

@@ -49,6 +49,16 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a (gradient-free) tensor over all processes; itself when not distributed."""
+    _, world_size = _world()
+    if world_size == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value
+
+
 def symmetric_infonce(local_logits: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of a [n, n * world] logit block whose positives lie on the global diagonal.
 
@@ -79,13 +89,16 @@ def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tens
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
-def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
     """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
 
     ``y = sigmoid((logits + log(u / (1 - u))) / tau)``, ``u ~ U(0, 1)``; returns ``(y > 0.5) - y.detach() + y``.
+    Without ``noise`` the logits are thresholded at 0 (same gradients, deterministic).
     """
-    uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / tau)
+    if noise:
+        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits + torch.log(uniform) - torch.log1p(-uniform)
+    soft = torch.sigmoid(logits / tau)
     hard = (soft > 0.5).to(soft.dtype)
     return hard - soft.detach() + soft
 
@@ -616,7 +629,7 @@ class CoDeModel(CoDePreTrainedModel):
         positive = torch.zeros(soft_masks.shape[:2], dtype=torch.bool, device=soft_masks.device)
         positive[rows, rows + rank * num_rows] = True
         positive_logits = mask_logits[rows, rows + rank * num_rows]
-        hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau)
+        hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
         # 5a. image side: mask-pooled features vs nouns, region highlighting
         tcl_feature = self._tcl_feature_logits(row_embeddings, soft_masks, all_noun_embeddings)
@@ -638,12 +651,7 @@ class CoDeModel(CoDePreTrainedModel):
             "area_negative": (soft_masks[~positive].mean() - config.area_negative_prior).abs()
             if (~positive).any()
             else soft_masks.new_zeros(()),
-            "text_segmentation": F.cross_entropy(
-                text_logits,
-                text_labels,
-                weight=self._text_class_weights(num_words, text_logits),
-                ignore_index=-1,
-            ),
+            "text_segmentation": self._text_segmentation_loss(text_logits, text_labels),
             "hcl": symmetric_infonce(
                 self._logit_scale(self.hcl_logit_scale) * highlighted_text @ all_region_embeddings.t()
             ),
@@ -672,10 +680,18 @@ class CoDeModel(CoDePreTrainedModel):
     def _logit_scale(self, log_scale: torch.Tensor) -> torch.Tensor:
         return log_scale.exp().clamp(max=self.config.logit_scale_max)
 
-    def _text_class_weights(self, num_words: int, like: torch.Tensor) -> torch.Tensor:
-        weights = torch.ones(num_words + 1, dtype=like.dtype, device=like.device)
+    def _text_segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Class-weighted cross-entropy of logits [B, K + 1, L] vs labels [B, L] (-1 ignored).
+
+        Normalised by the weight total of the GLOBAL batch (times the world size, undone by gradient
+        averaging), so several processes give exactly the single-process weighted mean.
+        """
+        weights = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
         weights[0] = self.config.text_segmentation_background_weight
-        return weights
+        per_token = F.cross_entropy(logits, labels, weight=weights, ignore_index=-1, reduction="none")
+        weight_total = weights[labels.clamp(min=0)][labels >= 0].sum()
+        _, world_size = _world()
+        return world_size * per_token.sum() / global_sum(weight_total).clamp(min=1e-12)
 
     def _tcl_feature_logits(
         self, row_embeddings: torch.Tensor, soft_masks: torch.Tensor, all_noun_embeddings: torch.Tensor
