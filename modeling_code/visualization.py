@@ -1,0 +1,117 @@
+"""Colour palettes, label-map colouring, overlays and legends (PIL only).
+
+Shared by the benchmark overlays, the inference CLI and the demo. Label values outside the palette
+(255 = ignored, in particular) are drawn in ``IGNORE_COLOR``; palette colours are never that dark.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IGNORE_COLOR = (0, 0, 0)
+# Candidate colours: 40 hues x 3 saturations x 3 values, none dark (the ignore colour) or near white.
+_HUES = np.arange(40) / 40
+_SATURATIONS = (0.45, 0.7, 0.95)
+_VALUES = (0.65, 0.82, 1.0)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) coordinates of [N, 3] sRGB colours in [0, 1]: distances there follow perceived difference."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
+    xyz /= np.array([0.9505, 1.0, 1.089])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+@functools.cache
+def _ordered_candidates() -> np.ndarray:
+    """All candidate colours, each next one the farthest (in CIELAB) from those before it: [360, 3] uint8."""
+    rgb = np.array(
+        [colorsys.hsv_to_rgb(h, s, v) for h in _HUES for s in _SATURATIONS for v in _VALUES], dtype=np.float64
+    )
+    lab = _srgb_to_lab(rgb)
+    order = [0]
+    nearest = np.linalg.norm(lab - lab[0], axis=1)
+    for _ in range(len(rgb) - 1):
+        order.append(int(nearest.argmax()))
+        nearest = np.minimum(nearest, np.linalg.norm(lab - lab[order[-1]], axis=1))
+    return np.round(rgb[order] * 255).astype(np.uint8)
+
+
+def palette(num_colors: int) -> np.ndarray:
+    """``num_colors`` deterministic, visually distinct RGB colours: [num_colors, 3] uint8.
+
+    Greedy farthest-point order over a fixed set of 360 colours, so ``palette(n)`` is the start of
+    ``palette(m)`` for ``m > n`` (a class keeps its colour whatever the vocabulary size); beyond 360 the
+    colours repeat. No colour is close to black (``IGNORE_COLOR``) or white.
+    """
+    if num_colors < 0:
+        raise ValueError(f"num_colors must be non-negative, got {num_colors}")
+    candidates = _ordered_candidates()
+    return candidates[np.arange(num_colors) % len(candidates)]
+
+
+def colorize(label_map: np.ndarray, colors: np.ndarray) -> Image.Image:
+    """Paint a [H, W] class-index map with ``colors`` ([N, 3] uint8); values outside [0, N) get IGNORE_COLOR."""
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
+        raise ValueError(f"a label map must be a 2-D integer array, got {label_map.shape} {label_map.dtype}")
+    table = np.vstack([np.asarray(colors, dtype=np.uint8).reshape(-1, 3), np.uint8(IGNORE_COLOR)])
+    indices = np.where((label_map >= 0) & (label_map < len(table) - 1), label_map, len(table) - 1)
+    return Image.fromarray(table[indices], mode="RGB")
+
+
+def overlay(image: Image.Image, label_map: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend the colourised ``label_map`` ([H, W], the image's size) over ``image`` with opacity ``alpha``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    painted = colorize(label_map, colors)
+    if painted.size != image.size:
+        raise ValueError(f"label map size {painted.size} (W, H) differs from the image size {image.size}")
+    return Image.blend(image.convert("RGB"), painted, alpha)
+
+
+def draw_legend(
+    image: Image.Image,
+    class_names: Sequence[str],
+    colors: np.ndarray,
+    class_indices: Sequence[int] | None = None,
+) -> Image.Image:
+    """``image`` with a legend bar below it: a colour swatch and the name of each class.
+
+    Args:
+        image: typically an ``overlay`` result.
+        class_names: the names, indexed like ``colors``.
+        colors: [N, 3] uint8 palette.
+        class_indices: the classes to list (e.g. those present in a prediction); all when None.
+    """
+    indices = range(len(class_names)) if class_indices is None else class_indices
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    swatch, gap, padding = 12, 8, 6
+    line_height = max([swatch, *(measure.textbbox((0, 0), name, font=font)[3] for name in class_names)]) + 4
+    width = max(image.width, 160)
+    # Flow the entries left to right, wrapping at the image width.
+    placements, x, y = [], padding, padding
+    for index in indices:
+        entry_width = swatch + 4 + int(measure.textlength(class_names[index], font=font))
+        if x > padding and x + entry_width > width - padding:
+            x, y = padding, y + line_height
+        placements.append((index, x, y))
+        x += entry_width + gap
+    legend_height = y + line_height + padding if placements else 0
+    canvas = Image.new("RGB", (width, image.height + legend_height), (255, 255, 255))
+    canvas.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, x, y in placements:
+        top = image.height + y
+        color = tuple(int(channel) for channel in colors[index])
+        draw.rectangle((x, top, x + swatch - 1, top + swatch - 1), fill=color, outline=(0, 0, 0))
+        draw.text((x + swatch + 4, top), class_names[index], fill=(0, 0, 0), font=font)
+    return canvas
