@@ -59,6 +59,22 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def global_mean(local_values: torch.Tensor) -> torch.Tensor:
+    """Mean over the elements of every process, differentiable w.r.t. this process's elements.
+
+    The value is the global mean on every rank; the gradient is scaled by the world size so that DDP's
+    gradient averaging gives exactly the single-process gradient (needed where the mean enters a non-linear
+    term, e.g. ``|mean - prior|``).
+    """
+    _, world_size = _world()
+    if world_size == 1:
+        return local_values.mean()
+    local_sum = local_values.sum()
+    totals = global_sum(torch.stack([local_sum.detach(), local_sum.new_tensor(local_values.numel())]))
+    mean = (local_sum + (totals[0] - local_sum.detach())) / totals[1]
+    return world_size * mean - (world_size - 1) * mean.detach()
+
+
 def symmetric_infonce(local_logits: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of a [n, n * world] logit block whose positives lie on the global diagonal.
 
@@ -436,6 +452,10 @@ class CoDeModel(CoDePreTrainedModel):
 
         clip = CLIPModel.from_pretrained(clip_name_or_path)
         tokenizer = tokenizer or CLIPTokenizer.from_pretrained(clip_name_or_path)
+        # older Hub CLIP configs carry placeholder special ids (eos 2); CoDe finds EOS by id, so trust the tokenizer
+        text_config = clip.config.text_config
+        text_config.bos_token_id, text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        text_config.pad_token_id = 0
         config = CoDeConfig(clip_config=clip.config, **config_overrides)
         model = cls(config)
         model.clip.load_state_dict(clip.state_dict())
@@ -647,8 +667,8 @@ class CoDeModel(CoDePreTrainedModel):
             ),
             "tv_image": total_variation(image_embeddings),
             "tv_mask": total_variation(soft_masks),
-            "area_positive": (soft_masks[positive].mean() - config.area_positive_prior).abs(),
-            "area_negative": (soft_masks[~positive].mean() - config.area_negative_prior).abs()
+            "area_positive": (global_mean(soft_masks[positive]) - config.area_positive_prior).abs(),
+            "area_negative": (global_mean(soft_masks[~positive]) - config.area_negative_prior).abs()
             if (~positive).any()
             else soft_masks.new_zeros(()),
             "text_segmentation": self._text_segmentation_loss(text_logits, text_labels),

@@ -166,7 +166,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     from modeling_code.trainer import training_step
 
     clip_dir, out, captions = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
     model = CoDeModel.from_clip(clip_dir, tokenizer=tokenizer, gumbel_noise=False, **json.loads(sys.argv[4]))
@@ -189,7 +189,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     if accelerator.is_main_process:
         core = accelerator.unwrap_model(model)
         trained = {n: p.detach().tolist() for n, p in core.named_parameters() if not n.startswith("clip.")}
-        json.dump({"terms": terms, "parameters": trained}, open(out, "w"))
+        json.dump({"terms": terms, "parameters": trained, "processes": accelerator.num_processes}, open(out, "w"))
     """
 )
 
@@ -203,13 +203,15 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip
     single = subprocess.run([sys.executable, str(script), str(tiny_clip_dir), str(tmp_path / "one.json"), captions,
                              overrides], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate's --cpu launcher starts a single process; --multi_gpu starts two, which find no GPU: gloo on CPU
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(29500 + os.getpid() % 1000)]
     double = subprocess.run([*launch, str(script), str(tiny_clip_dir), str(tmp_path / "two.json"), captions,
                              overrides], env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert (one["processes"], two["processes"]) == (1, 2)
     assert one["terms"].keys() == two["terms"].keys()
     for name, value in one["terms"].items():
         assert two["terms"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
