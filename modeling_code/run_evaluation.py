@@ -1,0 +1,168 @@
+"""Evaluate a CoDe model on benchmarks: the one implementation behind ``code-seg evaluate`` and
+``training/evaluate.py``, and the trainer's periodic evaluation.
+
+Inference follows the model config's protocol (PAMR, KP mix, background threshold, 448/224 windows); every
+setting can be overridden per run (``INFERENCE_SETTINGS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from .benchmarks import custom_benchmark, expand_benchmarks, get_benchmark
+from .evaluation import BenchmarkResult, evaluate_benchmark, write_outputs
+from .segmentation_datasets import build_source
+
+INFERENCE_SETTINGS = (
+    "use_pamr",
+    "pamr_iterations",
+    "kp_weight",
+    "background_threshold",
+    "window_size",
+    "window_stride",
+    "inference_short_side",
+    "inference_max_long_side",
+)
+
+
+def with_inference_settings(model, **settings: Any):
+    """The same model (weights shared) with a config copy carrying the given inference settings."""
+    unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown inference setting(s) {unknown}; known: {list(INFERENCE_SETTINGS)}")
+    model.config = copy.deepcopy(model.config)
+    for name, value in settings.items():
+        if value is not None:
+            setattr(model.config, name, value)
+    return model
+
+
+def evaluate_dataset(
+    model,
+    processor,
+    dataset: dict[str, Any],
+    benchmark: str | None = None,
+    class_names: list[str] | None = None,
+    background: bool = False,
+    limit: int | None = None,
+    accelerator: Any = None,
+    progress: bool = True,
+    num_visualize: int = 0,
+    **settings: Any,
+) -> BenchmarkResult:
+    """mIoU of ``model`` on one segmentation set (used by the trainer's periodic evaluation).
+
+    Args:
+        dataset: ``{"root": mmseg data root}`` or ``{"path": datasets id/dir, "split", "image_column",
+            "label_column", "raw_label_ids"}``.
+        benchmark: a benchmark key giving class names and label mapping; otherwise ``class_names`` (with
+            ``background`` prepending the background class) describe the labels as stored.
+        settings: inference overrides (see ``INFERENCE_SETTINGS``).
+    """
+    from .segmenter import CoDeSegmenter
+
+    if benchmark:
+        spec = get_benchmark(benchmark)
+    elif class_names:
+        spec = custom_benchmark(["background", *class_names] if background else list(class_names), background)
+    else:
+        raise ValueError("evaluation needs a benchmark key or a class_names list")
+    original = model.config
+    try:
+        segmenter = CoDeSegmenter(with_inference_settings(model, **settings), processor)
+        source = _source(spec, dataset, limit)
+        return evaluate_benchmark(segmenter.predict, spec, source, accelerator=accelerator,
+                                  num_visualize=num_visualize, progress=progress)
+    finally:
+        model.config = original
+
+
+def _source(spec, dataset: dict[str, Any], limit: int | None):
+    dataset = dict(dataset)
+    if "root" in dataset:
+        return build_source(spec, data_root=dataset.pop("root"), limit=limit)
+    return build_source(
+        spec,
+        hf_dataset=dataset.pop("path"),
+        split=dataset.pop("split", "validation"),
+        image_column=dataset.pop("image_column", "image"),
+        label_column=dataset.pop("label_column", "label"),
+        raw_label_ids=dataset.pop("raw_label_ids", True),
+        limit=limit,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="saved code-seg model: a local directory or a Hub id")
+    parser.add_argument("--benchmark", default="all",
+                        help="voc|context|coco_object|coco_stuff|cityscapes|ade20k|voc20|context59|all, or a "
+                             "comma-separated list")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data_root", help="mmsegmentation data folder (VOCdevkit, ADEChallengeData2016, ...)")
+    data.add_argument("--dataset", help="a datasets Hub id or local dataset directory with image/label columns")
+    parser.add_argument("--split", default="validation", help="split of --dataset")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--labels_are_mapped", action="store_true",
+                        help="--dataset labels are already class indices (skip the benchmark's raw-id mapping)")
+    parser.add_argument("--class_names", help="comma-separated classes for a custom --dataset (no --benchmark)")
+    parser.add_argument("--background", action="store_true", help="with --class_names: label 0 is background")
+    parser.add_argument("--output_dir", default="outputs/evaluation")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
+    parser.add_argument("--num_visualize", type=int, default=8, help="images in the overlay grid")
+    parser.add_argument("--no_pamr", dest="use_pamr", action="store_false", default=None)
+    parser.add_argument("--pamr_iterations", type=int)
+    parser.add_argument("--kp_weight", type=float)
+    parser.add_argument("--bg_thresh", dest="background_threshold", type=float)
+    parser.add_argument("--window_size", type=int)
+    parser.add_argument("--window_stride", type=int)
+    parser.add_argument("--short_side", dest="inference_short_side", type=int)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
+    """Evaluate every requested benchmark (each process its shard) and write the outputs on the main process."""
+    import torch
+    from accelerate import Accelerator
+
+    from .segmenter import CoDeSegmenter
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    settings = {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}
+    segmenter = CoDeSegmenter.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=accelerator.device)
+    segmenter = CoDeSegmenter(with_inference_settings(segmenter.model, **settings), segmenter.processor)
+    if args.class_names:
+        names = [name.strip() for name in args.class_names.split(",") if name.strip()]
+        specs = [custom_benchmark(["background", *names] if args.background else names, args.background)]
+    else:
+        specs = expand_benchmarks(args.benchmark)
+    results = []
+    for spec in specs:
+        with accelerator.main_process_first():
+            if args.data_root:
+                source = build_source(spec, data_root=args.data_root, limit=args.limit)
+            else:
+                source = build_source(spec, hf_dataset=args.dataset, split=args.split, image_column=args.image_column,
+                                      label_column=args.label_column, raw_label_ids=not args.labels_are_mapped,
+                                      limit=args.limit)
+        results.append(evaluate_benchmark(segmenter.predict, spec, source, accelerator=accelerator,
+                                          num_visualize=args.num_visualize,
+                                          progress=accelerator.is_local_main_process))
+    outputs: dict[str, Path] = {}
+    if accelerator.is_main_process:
+        config = segmenter.model.config
+        run_settings = {
+            "model": str(args.model),
+            "dtype": args.dtype,
+            "processes": accelerator.num_processes,
+            **{name: getattr(config, name) for name in INFERENCE_SETTINGS},
+        }
+        outputs = write_outputs(results, args.output_dir, run_settings, model_name=Path(str(args.model)).name)
+        print((Path(args.output_dir) / "results.md").read_text())
+    accelerator.wait_for_everyone()
+    return outputs
