@@ -8,6 +8,7 @@ token, so any text tokenises, and each listed word is merged into a single token
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +36,7 @@ def _bytes_to_unicode() -> list[str]:
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(itertools.pairwise(pieces))]
         rank, index = min(pairs)
         if rank > len(ranks):
             break
