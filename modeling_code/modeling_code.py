@@ -135,6 +135,12 @@ def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device)
 # --------------------------------------------------------------------------------------------------------------
 # Masker
 # --------------------------------------------------------------------------------------------------------------
+# Which 3×3 kernel rows each output phase of a nearest-×2-upsampled map reads, per low-resolution tap:
+# phase 0 reads rows (i-1, i) with kernel rows (0, 1+2); phase 1 reads rows (i, i+1) with (0+1, 2).
+# _PHASE_FOLD[phase, tap, kernel_row]; the same folding applies to columns.
+_PHASE_FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
 class CoDeLayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a [B, C, H, W] map."""
 
@@ -145,9 +151,10 @@ class CoDeLayerNorm2d(nn.LayerNorm):
 class CoDeUpsampleBlock(nn.Module):
     """Pre-activation residual block: ``up(x) + tanh(gate) * conv3x3(GELU(LN(up(x))))`` with ``up`` nearest ×2.
 
-    LayerNorm and GELU act per pixel, so they commute with nearest upsampling and run at low resolution; the 3×3
-    convolution of the upsampled map is computed exactly as four 2×2 "phase" convolutions of the low-resolution
-    map (4 taps per output instead of 9). ``plain_forward`` keeps the literal definition as a reference.
+    ``plain_forward`` is the literal definition on [B, C, H, W] maps. ``forward`` computes the same values on
+    channels-last [B, H, W, C] maps with less work: LayerNorm and GELU act per pixel, so they commute with
+    nearest upsampling and run at low resolution, and the 3×3 convolution of the upsampled map equals four 2×2
+    "phase" convolutions of the low-resolution map (4 taps per output instead of 9).
     """
 
     def __init__(self, config: CoDeConfig):
@@ -156,48 +163,58 @@ class CoDeUpsampleBlock(nn.Module):
         self.norm = CoDeLayerNorm2d(width, eps=config.clip_config.vision_config.layer_norm_eps)
         self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
         self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
+        self._folded: tuple[tuple, torch.Tensor] | None = None
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference path. x: [B, W, H, W'] -> [B, W, 2H, 2W']."""
+        """Reference path. x: [B, C, H, W] -> [B, C, 2H, 2W]."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return x + torch.tanh(self.gate) * self.conv(F.gelu(self.norm(x)))
 
     def _phase_weights(self) -> torch.Tensor:
-        """The 3×3 kernel folded into four 2×2 kernels, stacked as [4 * out, in, 2, 2] (phase-major)."""
-        w = self.conv.weight
-        # Along one axis, output phase 0 reads low-res rows (i-1, i) with kernel rows (0, 1+2);
-        # phase 1 reads rows (i, i+1) with kernel rows (0+1, 2).
-        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-        phases = []
-        for row_phase in rows:
-            phases.append(torch.stack([row_phase[..., 0], row_phase[..., 1] + row_phase[..., 2]], -1))
-            phases.append(torch.stack([row_phase[..., 0] + row_phase[..., 1], row_phase[..., 2]], -1))
-        return torch.cat(phases, 0)
+        """The 3×3 kernel folded into four 2×2 kernels, stacked as [4 * C_out, C_in, 2, 2] (phase 2a + b).
+
+        Without gradients (inference) the folded kernel is cached until the weights change.
+        """
+        weight = self.conv.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
+        if cacheable and self._folded is not None and self._folded[0] == key:
+            return self._folded[1]
+        fold = _PHASE_FOLD.to(weight.dtype).to(weight.device)
+        folded = torch.einsum("ark,bcl,oikl->aboirc", fold, fold, weight).reshape(-1, weight.shape[1], 2, 2)
+        self._folded = (key, folded) if cacheable else None
+        return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, W, H, W'] -> [B, W, 2H, 2W']."""
-        batch, channels, height, width = x.shape
-        activated = F.pad(F.gelu(self.norm(x)), (1, 1, 1, 1))
-        out = F.conv2d(activated, self._phase_weights(), self.conv.bias.repeat(4))  # [B, 4W, H+1, W'+1]
-        out = out.view(batch, 2, 2, channels, height + 1, width + 1)
-        phases = torch.stack(
-            [torch.stack([out[:, a, b, :, a : a + height, b : b + width] for b in range(2)], -1) for a in range(2)], -3
-        )  # [B, C, H, 2, W', 2]
-        residual = phases.reshape(batch, channels, 2 * height, 2 * width)
-        upsampled = x[:, :, :, None, :, None].expand(-1, -1, -1, 2, -1, 2).reshape_as(residual)
-        return upsampled + torch.tanh(self.gate) * residual
+        """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+        batch, height, width, channels = x.shape
+        activated = F.pad(F.gelu(F.layer_norm(x, (channels,), self.norm.weight, self.norm.bias, self.norm.eps)),
+                          (0, 0, 1, 1, 1, 1))
+        # a channels-last input makes the convolution return channels-last: [B, H+1, W+1, 4C] after the permute
+        out = F.conv2d(activated.permute(0, 3, 1, 2), self._phase_weights(), self.conv.bias.repeat(4))
+        out = out.permute(0, 2, 3, 1).reshape(batch, height + 1, width + 1, 2, 2, channels)
+        residual = torch.stack(
+            [torch.stack([out[:, a : a + height, b : b + width, a, b] for b in range(2)], 3) for a in range(2)], 2
+        )  # [B, H, 2, W, 2, C]
+        residual = residual.mul_(torch.tanh(self.gate)).add_(x[:, :, None, :, None])
+        return residual.view(batch, 2 * height, 2 * width, channels)
 
 
 class CoDeMaskerDecoder(nn.Module):
-    """Stack of upsampling blocks: [B, W_v, h, w] -> [B, W_v, h * 2^n, w * 2^n]."""
+    """Stack of upsampling blocks, ×2 each: [B, h, w, C] -> [B, h * 2^n, w * 2^n, C] (channels last)."""
 
     def __init__(self, config: CoDeConfig):
         super().__init__()
         self.blocks = nn.ModuleList([CoDeUpsampleBlock(config) for _ in range(config.decoder_num_blocks)])
 
     def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        if plain:
+            x = x.permute(0, 3, 1, 2)
+            for block in self.blocks:
+                x = block.plain_forward(x)
+            return x.permute(0, 2, 3, 1)
         for block in self.blocks:
-            x = block.plain_forward(x) if plain else block(x)
+            x = block(x)
         return x
 
 
@@ -211,8 +228,8 @@ class CoDeMaskerProjection(nn.Module):
         self.proj = nn.Linear(vision.hidden_size, config.clip_config.projection_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, W_v, H, W] -> [B, C, H, W]."""
-        return self.proj(self.layer_norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        """x: [B, H, W, W_v] (channels last) -> [B, H, W, C]."""
+        return self.proj(self.layer_norm(x))
 
 
 class CoDeMasker(nn.Module):
@@ -225,12 +242,14 @@ class CoDeMasker(nn.Module):
         self.projection = CoDeMaskerProjection(config)
 
     def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int], plain: bool = False) -> torch.Tensor:
-        """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w]."""
+        """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w].
+
+        E is unit-norm over C; it is computed channels last, and returned as a (channels-last strided) view.
+        """
         hidden_states = self_only_attention_block(self.backbone_block, hidden_states)
-        height, width = grid_size
-        feature_map = hidden_states[:, 1:].transpose(1, 2).reshape(hidden_states.shape[0], -1, height, width)
-        embeddings = self.projection(self.decoder(feature_map, plain=plain))
-        return F.normalize(embeddings, dim=1)
+        feature_map = hidden_states[:, 1:].reshape(hidden_states.shape[0], *grid_size, -1)  # [B, h, w, W_v]
+        embeddings = F.normalize(self.projection(self.decoder(feature_map, plain=plain)), dim=-1)
+        return embeddings.permute(0, 3, 1, 2)
 
 
 class CoDeSim2Mask(nn.Module):

@@ -83,11 +83,13 @@ def test_single_frozen_clip_and_initialisation_from_clip(tiny_code_model, tiny_t
     assert all(float(block.gate.detach()) == 0.0 for block in model.masker.decoder.blocks)
 
 
-def test_decoder_is_nearest_upsampling_at_init(tiny_code_model):
-    x = torch.randn(2, 48, 3, 5)
-    out = tiny_code_model.masker.decoder(x)
-    assert out.shape == (2, 48, 12, 20)
-    torch.testing.assert_close(out, F.interpolate(x, scale_factor=4, mode="nearest"), rtol=0, atol=0)
+@pytest.mark.parametrize("plain", [False, True])
+def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, plain):
+    x = torch.randn(2, 3, 5, 48)  # channels last
+    out = tiny_code_model.masker.decoder(x, plain=plain)
+    assert out.shape == (2, 12, 20, 48)
+    expected = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=4, mode="nearest").permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (7, 4)])
@@ -99,7 +101,20 @@ def test_phase_convolution_equals_plain_block(tiny_clip_config, size):
         block.norm.weight.normal_()
         block.norm.bias.normal_()
     x = torch.randn(2, 48, *size)
-    torch.testing.assert_close(block(x), block.plain_forward(x), rtol=1e-5, atol=1e-5)
+    fast = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+    torch.testing.assert_close(fast, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_kernel_cache_follows_weight_updates(tiny_clip_config):
+    block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
+    x = torch.randn(1, 48, 3, 4)
+    with torch.no_grad():
+        block.gate.fill_(1.0)
+        first = block(x.permute(0, 2, 3, 1).contiguous())
+        block.conv.weight.mul_(2.0)  # an optimiser-style in-place update
+        second = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+        torch.testing.assert_close(second, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first.permute(0, 3, 1, 2), second)
 
 
 def test_dense_path_matches_direct_computation(tiny_code_model):
