@@ -1,0 +1,175 @@
+"""The ``code-seg`` command line.
+
+    code-seg segment IMAGE [IMAGE ...] --classes "cat, sofa, background" --model PATH_OR_ID --out DIR
+
+Each subcommand is one ``_add_<name>_command(subparsers)`` function that declares its arguments and sets
+``handler`` (``args -> exit code``); ``COMMANDS`` lists them. Handlers import the heavy modules (torch,
+transformers) themselves, so ``code-seg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# Exit codes: 0 success, 1 some inputs failed (the others were processed), 2 unusable arguments or model.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+DTYPES = ("float32", "bfloat16")
+
+
+def _error(command: str, message: str) -> None:
+    print(f"code-seg {command}: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# segment
+# --------------------------------------------------------------------------------------------------------------
+def _add_segment_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment images into any classes named in text",
+        description=(
+            "Open-vocabulary segmentation at the benchmark protocol. For each image, writes "
+            "<name>_overlay.png (colour-coded labels over the image, with a legend), <name>_labels.png "
+            "(class ids as pixel values) and <name>.json (class ids, names and pixel fractions)."
+        ),
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument(
+        "--classes",
+        required=True,
+        help='comma-separated class names, e.g. "cat, sofa, background"; "background" is a constant '
+        "score map (see --bg-thresh), not a text query",
+    )
+    parser.add_argument("--model", required=True, help="saved CoDe model directory or Hub id")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
+    parser.add_argument("--no-pamr", action="store_true", help="skip the PAMR mask refinement (faster)")
+    parser.add_argument(
+        "--bg-thresh",
+        type=float,
+        default=None,
+        help="score of the background class (default: the model's, 0.4)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="downscale larger images, with a warning (default 4096*4096)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1] (default 0.5)")
+    parser.set_defaults(handler=_run_segment)
+
+
+def _output_stems(images: Sequence[str]) -> list[str]:
+    """File stem per image; repeated stems (same name in two folders) get a numeric suffix."""
+    stems, used = [], set()
+    for image in images:
+        stem, number = Path(image).stem or "image", 1
+        candidate = stem
+        while candidate in used:
+            number += 1
+            candidate = f"{stem}-{number}"
+        used.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def _label_image(label_map, num_classes: int):
+    """Class ids as an 8-bit PNG image, or 16-bit when there are more than 256 classes."""
+    from PIL import Image
+
+    return Image.fromarray(label_map.astype("uint8" if num_classes <= 256 else "uint16"))
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from .inference import clean_class_names, parse_class_list
+
+    try:
+        class_names, _ = clean_class_names(parse_class_list(args.classes))
+        if args.bg_thresh is not None and not 0.0 <= args.bg_thresh <= 1.0:
+            raise ValueError(
+                f"--bg-thresh must be in [0, 1] (scores are probabilities); got {args.bg_thresh}"
+            )
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1]; got {args.alpha}")
+        if args.max_pixels is not None and args.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be positive; got {args.max_pixels}")
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, TypeError, OSError) as err:
+        _error("segment", str(err))
+        return EXIT_USAGE
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .image_processing_code import DEFAULT_MAX_PIXELS, InvalidImageError
+    from .segmenter import CoDeSegmenter
+
+    try:
+        segmenter = CoDeSegmenter.from_pretrained(
+            args.model,
+            dtype=getattr(torch, args.dtype),
+            device=args.device,
+            use_pamr=not args.no_pamr,
+            background_threshold=args.bg_thresh,
+            max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
+            overlay_alpha=args.alpha,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        _error("segment", f"cannot load the model {args.model!r}: {err}")
+        return EXIT_USAGE
+    vocabulary = segmenter.encode_vocabulary(class_names)
+
+    failed = 0
+    for image, stem in zip(tqdm(args.images, desc="segmenting", unit="image"), _output_stems(args.images)):
+        try:
+            result = segmenter(image, vocabulary)
+        except InvalidImageError as err:
+            failed += 1
+            tqdm.write(f"code-seg segment: error: skipping {image}: {err}", file=sys.stderr)
+            continue
+        result.overlay.save(args.out / f"{stem}_overlay.png")
+        _label_image(result.label_map, len(result.class_names)).save(args.out / f"{stem}_labels.png")
+        summary = {
+            "image": str(image),
+            **result.to_dict(),
+            "background_threshold": segmenter.background_threshold,
+            "pamr": segmenter.use_pamr,
+            "model": str(args.model),
+        }
+        (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if failed:
+        _error("segment", f"{failed} of {len(args.images)} images could not be read")
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------------------
+COMMANDS = (_add_segment_command,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="code-seg", description="CoDe open-vocabulary semantic segmentation (CVPR 2024) on transformers."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``code-seg`` with ``argv`` (default: the process arguments); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Open-vocabulary whole-image inference at the benchmark protocol (spec §3).
+
+- ``encode_vocabulary``: class names -> ``VocabularyEmbeddings`` (prompted embeddings for the masker, template
+  ensembles for the KP branch). They depend only on the names, so compute them once and reuse them.
+  The name ``background`` is not a text query: it stands for a constant map of ``background_threshold``.
+- ``segment_window_scores``: one window size, spec §3.2: zero-pad to the patch size, masks, PAMR, KP mix,
+  resize to the padded size, crop the padding.
+- ``segment_images``: images already resized by the processor's evaluation transform (spec §3.3), any sizes:
+  sliding windows batched through the model (windows of the same size from every image share batches),
+  overlapping outputs averaged, background map inserted. Score maps stay at the processed resolution; the
+  image processor's ``post_process_semantic_segmentation`` resizes them to the original sizes and takes the
+  argmax.
+
+Every optimisation has a reference: ``plain=True`` runs windows one at a time with the literal PAMR and the
+literal masker decoder; both paths agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput, logging
+
+from .pamr import pamr, pamr_plain
+from .templates import get_templates
+
+if TYPE_CHECKING:
+    from .modeling_code import CoDeModel
+    from .processing_code import CoDeProcessor
+
+logger = logging.get_logger(__name__)
+
+BACKGROUND_CLASS = "background"
+DEFAULT_WINDOW_BATCH_SIZE = 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VocabularyEmbeddings:
+    """Everything the model needs to know about a list of class names; reuse it for any number of images.
+
+    Attributes:
+        class_names: the output classes in id order (the user's list, cleaned and deduplicated).
+        background_index: position of ``background`` in ``class_names`` (a constant score map), or None.
+        class_embeddings: [N_text, C] prompted embeddings (masker), one per non-background class, in order.
+        kp_class_embeddings: [N_text, C] template-ensemble CLIP embeddings (KP branch), or None when the
+            vocabulary was encoded without them.
+        template_set: the template set of ``kp_class_embeddings``.
+    """
+
+    class_names: tuple[str, ...]
+    background_index: int | None
+    class_embeddings: torch.Tensor
+    kp_class_embeddings: torch.Tensor | None
+    template_set: str
+
+    @property
+    def text_class_names(self) -> tuple[str, ...]:
+        """The classes queried with text (every class except ``background``)."""
+        return tuple(name for index, name in enumerate(self.class_names) if index != self.background_index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def parse_class_list(text: str) -> list[str]:
+    """Split a comma-separated class list (``"cat, sofa, background"``) into names; empty items dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None]:
+    """Validate class names; returns (names without duplicates, index of ``background`` or None).
+
+    Whitespace is collapsed and names that differ only in case are duplicates (CLIP's tokenizer lower-cases
+    and splits on whitespace, so they would get identical embeddings); the first spelling is kept, with a
+    warning.
+
+    Raises:
+        TypeError: ``class_names`` is a single string or holds something other than strings.
+        ValueError: no class names, an empty name, or ``background`` alone.
+    """
+    if isinstance(class_names, str):
+        raise TypeError(
+            "class_names must be a list of names, not one string; split a comma-separated list with "
+            "modeling_code.inference.parse_class_list"
+        )
+    names: list[str] = []
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for position, name in enumerate(class_names):
+        if not isinstance(name, str):
+            raise TypeError(
+                f"Class names must be strings; item {position} is {type(name).__name__}: {name!r}"
+            )
+        cleaned = re.sub(r"\s+", " ", name).strip()
+        if not cleaned:
+            raise ValueError(f"Class name {position} is empty; every class needs a name")
+        key = cleaned.lower()
+        if key in seen:
+            duplicates.append(cleaned)
+            continue
+        seen.add(key)
+        names.append(cleaned)
+    if not names:
+        raise ValueError("No class names were given; pass at least one, e.g. ['cat', 'sofa', 'background']")
+    if duplicates:
+        logger.warning(f"Duplicate class names ignored (the first spelling is kept): {duplicates}")
+    lowered = [name.lower() for name in names]
+    background_index = lowered.index(BACKGROUND_CLASS) if BACKGROUND_CLASS in lowered else None
+    if background_index is not None and len(names) == 1:
+        raise ValueError("'background' alone is no vocabulary: name at least one class to segment")
+    return names, background_index
+
+
+def _warn_truncated(names: Sequence[str], truncated: Sequence[bool], limit: int, where: str) -> None:
+    too_long = [name for name, cut in zip(names, truncated) if cut]
+    if too_long:
+        logger.warning(
+            f"Class names too long for the {where} ({limit} token positions including start and end) are "
+            f"truncated: {too_long}"
+        )
+
+
+@torch.no_grad()
+def encode_vocabulary(
+    model: CoDeModel,
+    processor: CoDeProcessor,
+    class_names: Sequence[str],
+    with_kp_embeddings: bool | None = None,
+) -> VocabularyEmbeddings:
+    """Embed a vocabulary once (spec §3.1).
+
+    Args:
+        model: the CoDe model.
+        processor: its processor (only the tokenizer is used).
+        class_names: class names in output order; ``background`` (any case) is the constant background map.
+        with_kp_embeddings: also compute the KP branch's template ensembles (template set
+            ``model.config.inference_template_set``); default: when ``model.config.kp_weight > 0``.
+
+    Long names are truncated with a warning: a prompted name keeps ``context_length - prompt_context_length``
+    positions, a templated one ``context_length``.
+    """
+    config = model.config
+    names, background_index = clean_class_names(class_names)
+    text_names = [name for index, name in enumerate(names) if index != background_index]
+    with_kp_embeddings = config.kp_weight > 0 if with_kp_embeddings is None else with_kp_embeddings
+    device = model.device
+
+    class_input_ids, _ = processor.tokenize_with_truncation_flags(text_names, config.context_length)
+    prompt_limit = config.context_length - config.prompt_context_length
+    _, prompt_truncated = processor.tokenize_with_truncation_flags(text_names, prompt_limit)
+    _warn_truncated(text_names, prompt_truncated, prompt_limit, "prompted class encoder")
+    class_embeddings = model.get_class_embeddings(class_input_ids.to(device))
+
+    kp_class_embeddings = None
+    if with_kp_embeddings:
+        templates = get_templates(config.inference_template_set)
+        prompts = [template.format(name) for name in text_names for template in templates]
+        template_input_ids, template_truncated = processor.tokenize_with_truncation_flags(
+            prompts, config.context_length
+        )
+        per_class_truncated = [
+            any(template_truncated[i : i + len(templates)]) for i in range(0, len(prompts), len(templates))
+        ]
+        _warn_truncated(text_names, per_class_truncated, config.context_length, "template prompts")
+        kp_class_embeddings = model.get_template_class_embeddings(
+            template_input_ids.to(device), len(templates)
+        )
+    return VocabularyEmbeddings(
+        class_names=tuple(names),
+        background_index=background_index,
+        class_embeddings=class_embeddings,
+        kp_class_embeddings=kp_class_embeddings,
+        template_set=config.inference_template_set,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Windows and padding
+# --------------------------------------------------------------------------------------------------------------
+class Window(NamedTuple):
+    """A crop of an image: rows [top, top + height), columns [left, left + width)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def window_starts(size: int, window_size: int, stride: int) -> list[int]:
+    """Start of every window along one axis (spec §3.3): the last window is flush with the border.
+
+    ``n = max(size - window_size + stride - 1, 0) // stride + 1`` windows; window i ends at
+    ``min(i * stride + window_size, size)`` and starts ``window_size`` before that, clamped at 0.
+    """
+    count = max(size - window_size + stride - 1, 0) // stride + 1
+    return [max(min(index * stride + window_size, size) - window_size, 0) for index in range(count)]
+
+
+def sliding_windows(height: int, width: int, window_size: int, stride: int) -> list[Window]:
+    """Windows covering a ``height`` x ``width`` image, row-major; an axis shorter than the window is one window."""
+    return [
+        Window(top, left, min(window_size, height), min(window_size, width))
+        for top in window_starts(height, window_size, stride)
+        for left in window_starts(width, window_size, stride)
+    ]
+
+
+def pad_to_multiple(
+    pixel_values: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Zero-pad the last two dims up to multiples of ``multiple``, split evenly with the extra on bottom/right.
+
+    Returns (padded [..., H', W'], (top, bottom, left, right)).
+    """
+    height, width = pixel_values.shape[-2:]
+    pad_height, pad_width = -height % multiple, -width % multiple
+    top, left = pad_height // 2, pad_width // 2
+    pads = (top, pad_height - top, left, pad_width - left)
+    if pad_height or pad_width:
+        pixel_values = F.pad(pixel_values, (left, pads[3], top, pads[1]))
+    return pixel_values, pads
+
+
+def _crop_padding(maps: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    top, bottom, left, right = pads
+    height, width = maps.shape[-2:]
+    return maps[..., top : height - bottom, left : width - right]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One window size (spec §3.2)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _WindowSettings:
+    use_pamr: bool
+    kp_weight: float
+    plain: bool
+
+
+def _refined_masks(
+    model: CoDeModel, padded: torch.Tensor, vocabulary: VocabularyEmbeddings, settings: _WindowSettings
+) -> torch.Tensor:
+    """Spec §3.2 steps 2-4 on padded windows [B, 3, H, W] (fp32) -> fp32 masks [B, N_text, 4h, 4w] (h x w patches)."""
+    config = model.config
+    kp_embeddings = vocabulary.kp_class_embeddings if settings.kp_weight > 0 else None
+    outputs = model.segment_window(
+        padded.to(model.dtype), vocabulary.class_embeddings, kp_embeddings, plain=settings.plain
+    )
+    masks = outputs.masks.float()
+    if settings.use_pamr:
+        refine = pamr_plain if settings.plain else pamr
+        masks = refine(padded, masks, config.pamr_iterations, config.pamr_dilations)
+    if kp_embeddings is not None:
+        kp_masks = F.interpolate(
+            outputs.kp_masks.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False
+        )
+        masks = settings.kp_weight * kp_masks + (1 - settings.kp_weight) * masks
+    return masks
+
+
+def _to_window_size(
+    masks: torch.Tensor, padded_size: Sequence[int], pads: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """Step 5: masks [B, N, h, w] -> bilinear to the padded size -> padding cropped: [B, N, H, W]."""
+    resized = F.interpolate(masks, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    return _crop_padding(resized, pads)
+
+
+def _settings(
+    model: CoDeModel,
+    vocabulary: VocabularyEmbeddings,
+    use_pamr: bool | None,
+    kp_weight: float | None,
+    plain: bool,
+) -> _WindowSettings:
+    config = model.config
+    kp_weight = config.kp_weight if kp_weight is None else float(kp_weight)
+    if not 0.0 <= kp_weight <= 1.0:
+        raise ValueError(f"kp_weight must be in [0, 1]; got {kp_weight}")
+    if kp_weight > 0 and vocabulary.kp_class_embeddings is None:
+        raise ValueError(
+            f"kp_weight={kp_weight} needs the KP branch's template embeddings; encode the vocabulary with "
+            "with_kp_embeddings=True"
+        )
+    return _WindowSettings(
+        use_pamr=config.use_pamr if use_pamr is None else bool(use_pamr), kp_weight=kp_weight, plain=plain
+    )
+
+
+@torch.no_grad()
+def segment_window_scores(
+    model: CoDeModel,
+    pixel_values: torch.Tensor,
+    vocabulary: VocabularyEmbeddings,
+    use_pamr: bool | None = None,
+    kp_weight: float | None = None,
+    plain: bool = False,
+) -> torch.Tensor:
+    """Class scores of windows of one size (spec §3.2, all five steps).
+
+    pixel_values [B, 3, H, W] normalised, any H, W -> fp32 scores [B, N_text, H, W] in [0, 1].
+    ``use_pamr`` / ``kp_weight`` default to the model config; ``plain`` runs the reference PAMR and decoder.
+    """
+    settings = _settings(model, vocabulary, use_pamr, kp_weight, plain)
+    padded, pads = pad_to_multiple(pixel_values.to(model.device, torch.float32), model.config.patch_size)
+    return _to_window_size(_refined_masks(model, padded, vocabulary, settings), padded.shape[-2:], pads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole images (spec §3.3)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class CoDeSegmentationOutput(ModelOutput):
+    """Whole-image inference output.
+
+    Args:
+        logits: class scores in [0, 1] (probabilities, named ``logits`` for the transformers post-processing
+            convention), one map per class of the vocabulary in its order, background included as a constant
+            map: a tensor [B, N, H, W] when every image has the same processed size, else a list of B tensors
+            [N, H_i, W_i]. Sizes are those of ``pixel_values``; ``post_process_semantic_segmentation`` resizes
+            to the original sizes.
+    """
+
+    logits: torch.Tensor | list[torch.Tensor] | None = None
+
+
+def _image_list(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """[B, 3, H, W] or a list of [3, H_i, W_i] -> a checked list of [3, H_i, W_i]."""
+    if isinstance(pixel_values, torch.Tensor):
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be [B, 3, H, W] or a list of [3, H, W]; got {tuple(pixel_values.shape)}"
+            )
+        pixel_values = pixel_values.unbind(0)
+    images = list(pixel_values)
+    if not images:
+        raise ValueError("No images were given")
+    for index, image in enumerate(images):
+        is_image = isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3
+        if not is_image or image.numel() == 0:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"Image {index} must be a non-empty [3, H, W] tensor; got {shape}")
+    return images
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value}")
+
+
+@torch.no_grad()
+def segment_images(
+    model: CoDeModel,
+    pixel_values: torch.Tensor | Sequence[torch.Tensor],
+    vocabulary: VocabularyEmbeddings,
+    use_pamr: bool | None = None,
+    kp_weight: float | None = None,
+    background_threshold: float | None = None,
+    window_size: int | None = None,
+    window_stride: int | None = None,
+    window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+    plain: bool = False,
+) -> CoDeSegmentationOutput:
+    """Sliding-window class scores of whole images (spec §3.3 up to, not including, the final resize).
+
+    Args:
+        model: the CoDe model (any device and dtype; scores are accumulated in fp32).
+        pixel_values: images after the processor's evaluation transform: [B, 3, H, W] or a list of [3, H_i, W_i].
+        vocabulary: from ``encode_vocabulary``.
+        use_pamr, kp_weight, background_threshold, window_size, window_stride: default to the model config.
+        window_batch_size: windows per model call (windows of equal size from all images are batched); bounds
+            the memory of one call.
+        plain: reference path: one window per call, literal PAMR and decoder.
+
+    Returns:
+        ``CoDeSegmentationOutput`` with scores [N, H_i, W_i] per image, N = ``vocabulary.num_classes``.
+    """
+    config = model.config
+    settings = _settings(model, vocabulary, use_pamr, kp_weight, plain)
+    threshold = config.background_threshold if background_threshold is None else float(background_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"background_threshold must be in [0, 1] (scores are probabilities); got {threshold}"
+        )
+    window_size = config.window_size if window_size is None else int(window_size)
+    window_stride = config.window_stride if window_stride is None else int(window_stride)
+    _check_positive(window_size=window_size, window_stride=window_stride, window_batch_size=window_batch_size)
+    if window_stride > window_size:
+        raise ValueError(
+            f"window_stride ({window_stride}) larger than window_size ({window_size}) leaves gaps"
+        )
+    images = [image.to(model.device, torch.float32) for image in _image_list(pixel_values)]
+
+    num_text_classes = vocabulary.class_embeddings.shape[0]
+    sums = [image.new_zeros(num_text_classes, *image.shape[-2:]) for image in images]
+    counts = [image.new_zeros(image.shape[-2:]) for image in images]
+    # Windows of the same size, from every image, share model calls.
+    groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
+    for index, image in enumerate(images):
+        for window in sliding_windows(*image.shape[-2:], window_size, window_stride):
+            groups.setdefault((window.height, window.width), []).append((index, window))
+    for jobs in groups.values():
+        for batch in _batches(jobs, 1 if plain else window_batch_size):
+            crops = torch.stack(
+                [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
+            )
+            padded, pads = pad_to_multiple(crops, config.patch_size)
+            masks = _refined_masks(model, padded, vocabulary, settings)
+            for row, (index, window) in enumerate(batch):
+                # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
+                scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
+                rows = slice(window.top, window.top + window.height)
+                columns = slice(window.left, window.left + window.width)
+                sums[index][:, rows, columns] += scores
+                counts[index][rows, columns] += 1
+
+    logits = []
+    for summed, count in zip(sums, counts):
+        scores = summed.div_(count)
+        if vocabulary.background_index is not None:
+            at = vocabulary.background_index
+            background = scores.new_full((1, *scores.shape[1:]), threshold)
+            scores = torch.cat([scores[:at], background, scores[at:]])
+        logits.append(scores)
+    if len({tuple(scores.shape) for scores in logits}) == 1:
+        return CoDeSegmentationOutput(logits=torch.stack(logits))
+    return CoDeSegmentationOutput(logits=logits)
+
+
+__all__ = [
+    "BACKGROUND_CLASS",
+    "CoDeSegmentationOutput",
+    "VocabularyEmbeddings",
+    "Window",
+    "clean_class_names",
+    "encode_vocabulary",
+    "pad_to_multiple",
+    "parse_class_list",
+    "segment_images",
+    "segment_window_scores",
+    "sliding_windows",
+    "window_starts",
+]

@@ -1,0 +1,221 @@
+"""``code-seg segment`` end to end on a saved tiny model: the three files per image, options and error messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_segmenter import save_tiny_segmentation_model
+
+from modeling_code.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
+    return save_tiny_segmentation_model(
+        tmp_path_factory.mktemp("tiny_code_cli"), tiny_clip_dir, tiny_tokenizer
+    )
+
+
+def write_photo(path, height: int, width: int, seed: int):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_segment_writes_overlay_label_map_and_json(model_dir, tmp_path):
+    first = write_photo(tmp_path / "in" / "kitchen.png", 90, 120, seed=0)
+    second = write_photo(tmp_path / "in" / "street.jpg", 70, 50, seed=1)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "segment",
+            str(first),
+            str(second),
+            "--classes",
+            "cat, sofa, background",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == [
+        "kitchen.json",
+        "kitchen_labels.png",
+        "kitchen_overlay.png",
+        "street.json",
+        "street_labels.png",
+        "street_overlay.png",
+    ]
+    for stem, (height, width) in (("kitchen", (90, 120)), ("street", (70, 50))):
+        labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+        assert labels.shape == (height, width) and labels.max() < 3
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.width == max(width, 160) and overlay.height > height
+        summary = json.loads((out / f"{stem}.json").read_text())
+        assert (summary["height"], summary["width"]) == (height, width)
+        assert summary["pamr"] is True and summary["background_threshold"] == 0.4
+        assert [(c["id"], c["name"]) for c in summary["classes"]] == [
+            (0, "cat"),
+            (1, "sofa"),
+            (2, "background"),
+        ]
+        fractions = np.bincount(labels.ravel(), minlength=3) / labels.size
+        np.testing.assert_allclose([c["pixel_fraction"] for c in summary["classes"]], fractions)
+
+
+def test_no_pamr_and_background_threshold_options(model_dir, tmp_path):
+    image = write_photo(tmp_path / "a.png", 40, 40, seed=2)
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--classes",
+            "background, cat",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-pamr",
+            "--bg-thresh",
+            "1.0",
+        ]
+    )
+    assert code == EXIT_OK
+    summary = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert summary["pamr"] is False and summary["background_threshold"] == 1.0
+    assert summary["classes"][0] == {"id": 0, "name": "background", "pixel_fraction": 1.0}
+
+
+def test_same_file_names_in_different_folders_do_not_overwrite(model_dir, tmp_path):
+    images = [write_photo(tmp_path / folder / "photo.png", 30, 30, seed=3) for folder in ("x", "y")]
+    code = main(
+        [
+            "segment",
+            *map(str, images),
+            "--classes",
+            "cat",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == EXIT_OK
+    assert {p.name for p in (tmp_path / "o").glob("*.json")} == {"photo.json", "photo-2.json"}
+
+
+def test_unreadable_images_are_reported_and_the_others_processed(model_dir, tmp_path, capsys):
+    good = write_photo(tmp_path / "good.png", 30, 30, seed=4)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"definitely not a png")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    code = main(
+        [
+            "segment",
+            str(corrupt),
+            str(good),
+            str(empty),
+            str(tmp_path / "missing.png"),
+            "--classes",
+            "cat, dog",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == EXIT_SOME_FAILED
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "good.json",
+        "good_labels.png",
+        "good_overlay.png",
+    ]
+    errors = capsys.readouterr().err
+    assert "skipping" in errors and "corrupt.png" in errors and "Cannot decode" in errors
+    assert "empty.png" in errors and "missing.png" in errors and "not found" in errors
+    assert "3 of 4 images could not be read" in errors
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--classes", " , ,"], "No class names"),
+        (["--classes", "background"], "alone"),
+        (["--classes", "cat", "--bg-thresh", "1.5"], "--bg-thresh must be in"),
+        (["--classes", "cat", "--alpha", "-1"], "--alpha must be in"),
+        (["--classes", "cat", "--max-pixels", "0"], "--max-pixels must be positive"),
+    ],
+)
+def test_unusable_arguments_are_named_before_loading_anything(tmp_path, capsys, extra, message):
+    code = main(
+        ["segment", "x.png", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *extra]
+    )
+    assert code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_model_is_named(tmp_path, capsys):
+    image = write_photo(tmp_path / "a.png", 20, 20, seed=5)
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--classes",
+            "cat",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == EXIT_USAGE
+    assert "cannot load the model" in capsys.readouterr().err
+
+
+def test_duplicate_and_overlong_class_names_warn(model_dir, tmp_path, caplog):
+    image = write_photo(tmp_path / "a.png", 20, 20, seed=6)
+    long_name = " ".join(["blue"] * 80)
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--classes",
+            f"cat, Cat, {long_name}",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == EXIT_OK
+    assert "Duplicate class names ignored" in caplog.text and "truncated" in caplog.text
+    summary = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert [c["name"] for c in summary["classes"]] == ["cat", long_name]
+
+
+def test_help_lists_the_segment_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "segment" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_label_maps_of_more_than_256_classes_are_16_bit(tmp_path):
+    from modeling_code.cli import _label_image
+
+    labels = np.array([[0, 255], [256, 300]])
+    _label_image(labels, num_classes=301).save(tmp_path / "labels.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "labels.png")), labels)
+    _label_image(labels % 256, num_classes=256).save(tmp_path / "small.png")
+    reread = Image.open(tmp_path / "small.png")
+    assert reread.mode == "L"
+    np.testing.assert_array_equal(np.asarray(reread), labels % 256)

@@ -1,0 +1,241 @@
+"""CoDeSegmenter on a saved tiny model: results, batches, vocabulary cache, dtypes and every bad input."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_CODE_OVERRIDES
+from PIL import Image
+
+from modeling_code import CoDeModel
+from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
+from modeling_code.inference import VocabularyEmbeddings, encode_vocabulary
+from modeling_code.processing_code import CoDeProcessor
+from modeling_code.segmenter import CoDeSegmenter, SegmentationResult
+
+# Small protocol sizes for the tiny CLIP (8-pixel patches): short side 64, 64-pixel windows, stride 32.
+TINY_PROTOCOL = {
+    "inference_short_side": 64,
+    "inference_max_long_side": 128,
+    "window_size": 64,
+    "window_stride": 32,
+}
+
+
+def save_tiny_segmentation_model(directory, tiny_clip_dir, tiny_tokenizer):
+    """A tiny CoDe model with its processor saved to ``directory``, as ``CoDeSegmenter.from_pretrained`` expects."""
+    torch.manual_seed(0)
+    model = CoDeModel.from_clip(
+        str(tiny_clip_dir), tokenizer=tiny_tokenizer, **TINY_CODE_OVERRIDES, **TINY_PROTOCOL
+    )
+    model.save_pretrained(directory)
+    CoDeProcessor(
+        CoDeImageProcessor(eval_short_side=64, eval_max_long_side=128), tiny_tokenizer
+    ).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
+    return save_tiny_segmentation_model(tmp_path_factory.mktemp("tiny_code"), tiny_clip_dir, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def segmenter(model_dir):
+    return CoDeSegmenter.from_pretrained(model_dir)
+
+
+def random_photo(height: int, width: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_result_of_one_image(segmenter):
+    result = segmenter(random_photo(90, 120, seed=0), ["cat", "sofa", "background"])
+    assert isinstance(result, SegmentationResult)
+    assert result.class_names == ["cat", "sofa", "background"]
+    assert result.label_map.shape == (90, 120) and result.label_map.dtype == np.int64
+    assert result.label_map.min() >= 0 and result.label_map.max() < 3
+    assert result.scores.shape == (3, 64, 85) and result.scores.dtype == np.float32  # 90x120 -> 64x85
+    np.testing.assert_allclose(result.scores[2], 0.4)  # background: the config's constant threshold
+    counts = np.bincount(result.label_map.ravel(), minlength=3)
+    assert result.pixel_fractions == {
+        name: count / (90 * 120) for name, count in zip(result.class_names, counts)
+    }
+    assert result.present_classes == [name for name, count in zip(result.class_names, counts) if count]
+    assert result.overlay.mode == "RGB" and result.overlay.width == 160  # the legend is at least 160 wide
+    assert result.overlay.height > 90  # legend below the image
+    summary = result.to_dict()
+    assert summary["height"] == 90 and summary["width"] == 120
+    assert [entry["name"] for entry in summary["classes"]] == result.class_names
+
+
+def test_label_map_is_the_argmax_of_the_scores_resized_to_the_image(segmenter):
+    result = segmenter(random_photo(50, 70, seed=1), ["cat", "sofa", "dog"])
+    resized = F.interpolate(
+        torch.from_numpy(result.scores)[None], size=(50, 70), mode="bilinear", align_corners=False
+    )
+    np.testing.assert_array_equal(result.label_map, resized[0].argmax(0).numpy())
+    assert np.array_equal(
+        segmenter.predict(random_photo(50, 70, seed=1), ["cat", "sofa", "dog"]), result.label_map
+    )
+
+
+def test_a_batch_of_different_sizes_equals_single_calls(segmenter):
+    images = [
+        random_photo(90, 120, seed=2),
+        np.asarray(random_photo(70, 40, seed=3)),
+        random_photo(64, 64, seed=4),
+    ]
+    results = segmenter(images, ["cat", "background", "dog"])
+    assert [r.label_map.shape for r in results] == [(90, 120), (70, 40), (64, 64)]
+    for image, batched in zip(images, results):
+        single = segmenter(image, ["cat", "background", "dog"])
+        np.testing.assert_allclose(batched.scores, single.scores, atol=1e-5)
+        np.testing.assert_array_equal(batched.label_map, single.label_map)
+
+
+def test_cached_and_uncached_vocabularies_give_identical_outputs(segmenter, model_dir):
+    names = ["cat", "sofa", "background"]
+    image = random_photo(80, 100, seed=5)
+    segmenter.clear_vocabulary_cache()
+    first = segmenter.encode_vocabulary(names)
+    assert (
+        segmenter.encode_vocabulary([" cat", "sofa ", "background"]) is first
+    )  # cleaned names share an entry
+    uncached = encode_vocabulary(segmenter.model, segmenter.processor, names)
+    assert uncached is not first
+    no_cache = CoDeSegmenter.from_pretrained(model_dir, vocabulary_cache_size=0)
+    assert no_cache.encode_vocabulary(names) is not no_cache.encode_vocabulary(names)
+    outputs = [
+        segmenter(image, names),
+        segmenter(image, names),
+        segmenter(image, uncached),
+        no_cache(image, names),
+    ]
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other.scores, outputs[0].scores)
+        np.testing.assert_array_equal(other.label_map, outputs[0].label_map)
+
+
+def test_the_cache_keeps_the_most_recent_vocabularies(model_dir):
+    segmenter = CoDeSegmenter.from_pretrained(model_dir, vocabulary_cache_size=2)
+    cat, dog = segmenter.encode_vocabulary(["cat"]), segmenter.encode_vocabulary(["dog"])
+    assert segmenter.encode_vocabulary(["cat"]) is cat  # cat is now the most recent
+    segmenter.encode_vocabulary(["sofa"])  # evicts dog
+    assert segmenter.encode_vocabulary(["cat"]) is cat
+    assert segmenter.encode_vocabulary(["dog"]) is not dog
+
+
+def test_bfloat16_segmenter(model_dir, segmenter):
+    bf16 = CoDeSegmenter.from_pretrained(model_dir, dtype=torch.bfloat16)
+    assert bf16.model.dtype == torch.bfloat16
+    image = random_photo(70, 90, seed=6)
+    result = bf16(image, ["cat", "sofa"])
+    assert result.scores.dtype == np.float32 and np.isfinite(result.scores).all()
+    np.testing.assert_allclose(result.scores, segmenter(image, ["cat", "sofa"]).scores, atol=0.05)
+
+
+def test_background_threshold_and_pamr_options(segmenter):
+    image = random_photo(60, 60, seed=7)
+    assert (
+        segmenter(image, ["cat", "background"], background_threshold=1.0).pixel_fractions["background"] == 1.0
+    )
+    assert (
+        segmenter(image, ["cat", "background"], background_threshold=0.0).pixel_fractions["background"] == 0.0
+    )
+    with_pamr = segmenter(image, ["cat", "sofa"], use_pamr=True).scores
+    without = segmenter(image, ["cat", "sofa"], use_pamr=False).scores
+    assert not np.allclose(with_pamr, without)
+
+
+def test_an_explicit_vocabulary_object(segmenter):
+    vocabulary = segmenter.encode_vocabulary(["background", "cat"])
+    assert isinstance(vocabulary, VocabularyEmbeddings) and vocabulary.background_index == 0
+    result = segmenter(random_photo(40, 40, seed=8), vocabulary)
+    assert result.class_names == ["background", "cat"]
+
+
+def test_the_model_config_sets_the_evaluation_resize(segmenter):
+    processor = CoDeProcessor(CoDeImageProcessor(eval_short_side=448), segmenter.processor.tokenizer)
+    other = CoDeSegmenter(segmenter.model, processor)
+    assert other(random_photo(90, 120, seed=11), ["cat"]).scores.shape == (1, 64, 85)
+    assert processor.image_processor.eval_short_side == 448  # the caller's processor is left as it was
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((0, 10, 3), dtype=np.uint8), "empty"),
+        (Image.new("RGB", (0, 5)), "empty"),
+        (b"not an image at all", "Cannot decode"),
+        (b"", "empty"),
+        ("/nonexistent/photo.jpg", "not found"),
+        (np.zeros((4, 4, 5), dtype=np.uint8), "HxWx3"),
+        (12, "Unsupported image input"),
+    ],
+)
+def test_unreadable_or_empty_images_are_named(segmenter, image, message):
+    with pytest.raises(InvalidImageError, match=message):
+        segmenter(image, ["cat"])
+
+
+def test_an_unreadable_file_is_named(segmenter, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(InvalidImageError, match=r"corrupt\.png"):
+        segmenter(str(corrupt), ["cat"])
+
+
+@pytest.mark.parametrize(
+    ("classes", "error", "message"),
+    [
+        ([], ValueError, "No class names"),
+        ("cat", TypeError, "not one string"),
+        (["background"], ValueError, "alone"),
+    ],
+)
+def test_bad_class_lists_are_named(segmenter, classes, error, message):
+    with pytest.raises(error, match=message):
+        segmenter(random_photo(20, 20, seed=0), classes)
+
+
+def test_duplicate_and_overlong_names_warn_and_still_segment(segmenter, caplog):
+    long_name = " ".join(["green"] * 80)
+    with caplog.at_level(logging.WARNING):
+        result = segmenter(random_photo(40, 50, seed=9), ["cat", "CAT", long_name, "background", "cat "])
+    assert result.class_names == ["cat", long_name, "background"]
+    assert "Duplicate class names ignored" in caplog.text and "truncated" in caplog.text
+
+
+def test_images_above_the_pixel_cap_are_downscaled_with_a_warning(model_dir, caplog):
+    capped = CoDeSegmenter.from_pretrained(model_dir, max_pixels=3000)
+    image = random_photo(90, 120, seed=10)  # 10,800 pixels
+    with caplog.at_level(logging.WARNING):
+        result = capped(_png_bytes(image), ["cat"])
+    assert "exceeds max_pixels=3000" in caplog.text
+    height, width = result.label_map.shape
+    assert height * width <= 3000 and abs(width / height - 120 / 90) < 0.05
+    assert result.image.size == (width, height)
+
+
+def test_bad_constructor_options_are_named(segmenter):
+    for option, message in (
+        ({"max_pixels": 0}, "max_pixels"),
+        ({"vocabulary_cache_size": -1}, "vocabulary_cache_size"),
+        ({"overlay_alpha": 2.0}, "overlay_alpha"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            CoDeSegmenter(segmenter.model, segmenter.processor, **option)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
