@@ -1,0 +1,153 @@
+"""The Space: ``space/app.py`` served on 127.0.0.1 and called through ``gradio_client``; its metadata files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from importlib.metadata import requires
+from pathlib import Path
+
+import gradio
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from huggingface_hub import SpaceCard
+from PIL import Image
+from test_demo import save_tiny_demo_model
+
+from modeling_code.demo import color_map
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPACE_DIR = REPO_ROOT / "space"
+EXAMPLE_IMAGE = SPACE_DIR / "examples" / "toy_world_1.png"
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(model_dir: Path, log_path: Path) -> Iterator[str]:
+    """Run ``python space/app.py`` serving ``model_dir`` on a free local port; yields its URL, then stops it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CODE_SEG_MODEL": str(model_dir),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+    }
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, str(SPACE_DIR / "app.py")], env=env, cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "config", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+                if time.monotonic() > deadline:
+                    log = log_path.read_text()[-3000:]
+                    raise RuntimeError(f"the app did not start in {STARTUP_TIMEOUT_S} s:\n{log}") from error
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
+    return save_tiny_demo_model(tmp_path_factory.mktemp("space_model"), tiny_clip_dir, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, tmp_path_factory):
+    with serve_app(tiny_model_dir, tmp_path_factory.mktemp("space_log") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def test_segment_endpoint_returns_overlay_label_map_and_table(client):
+    overlay, label_map_path, table = client.predict(
+        handle_file(str(EXAMPLE_IMAGE)), "circle, tile, grass", True, 0.4, False, api_name="/segment"
+    )
+    annotations = overlay["value"]["annotations"]
+    labels = [annotation["label"] for annotation in annotations]
+    assert labels and set(labels) <= {"background", "circle", "tile", "grass"}
+    assert overlay["color_map"] == color_map(["background", "circle", "tile", "grass"])
+    with Image.open(label_map_path) as saved:
+        assert saved.mode == "P" and saved.size == Image.open(EXAMPLE_IMAGE).size
+        ids = np.unique(np.array(saved))
+    class_ids = {"background": 0, "circle": 1, "tile": 2, "grass": 3}
+    assert sorted(class_ids[label] for label in labels) == ids.tolist()
+    assert table["headers"] == ["class", "id", "pixels (%)"]
+    assert sorted(row[0] for row in table["data"]) == sorted(labels)
+    assert sum(row[2] for row in table["data"]) == pytest.approx(100, abs=0.05)
+    for annotation in annotations:
+        with Image.open(annotation["image"]) as mask:
+            assert mask.size == (112, 112)
+
+
+def test_endpoint_errors_are_messages_not_tracebacks(client):
+    with pytest.raises(AppError, match="Enter at least one class name") as caught:
+        client.predict(handle_file(str(EXAMPLE_IMAGE)), " , ", True, 0.4, False, api_name="/segment")
+    assert "Traceback" not in str(caught.value)
+    with pytest.raises(AppError, match="Too many classes: 201"):
+        names = ", ".join(f"class{i}" for i in range(200))
+        client.predict(handle_file(str(EXAMPLE_IMAGE)), names, True, 0.4, False, api_name="/segment")
+
+
+def test_page_names_the_loaded_model_and_offers_the_examples(app_url, client, tiny_model_dir):
+    with urllib.request.urlopen(app_url + "config", timeout=10) as response:
+        config = json.load(response)
+    props = {component["props"].get("elem_id"): component["props"] for component in config["components"]}
+    assert props["model-status"]["value"].startswith(f"**Model:** `{tiny_model_dir}`")
+    examples = [c["props"] for c in config["components"] if c["type"] == "dataset"]
+    assert len(examples) == 1 and len(examples[0]["samples"]) == 3
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/segment"]
+
+
+def test_space_front_matter_and_requirements():
+    card = SpaceCard.load(SPACE_DIR / "README.md")
+    assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__
+    assert (SPACE_DIR / card.data.app_file).is_file()
+    assert card.data.license == "apache-2.0" and card.data.models and card.data.title
+    assert "CC0" in card.text and "CODE_SEG_MODEL" in card.text
+    for name in ("toy_world_1.png", "toy_world_2.png", "shapes.png"):
+        assert (SPACE_DIR / "examples" / name).is_file()
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[ ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+                for line in requirements if line.strip() and not line.startswith("#")}
+
+    package = [requirement for requirement in requires("code-seg") if "extra ==" not in requirement]
+    space = (SPACE_DIR / "requirements.txt").read_text().splitlines()
+    assert names(package) <= names(space)
+    assert "gradio" not in names(space)  # the Space's gradio is sdk_version
