@@ -1,6 +1,8 @@
 """The ``code-seg`` command line.
 
     code-seg segment IMAGE [IMAGE ...] --classes "cat, sofa, background" --model PATH_OR_ID --out DIR
+    code-seg evaluate --model PATH_OR_ID --benchmark voc --data_root data
+    code-seg toy-world [--output_dir outputs/toy_world]
 
 Each subcommand is one ``_add_<name>_command(subparsers)`` function that declares its arguments and sets
 ``handler`` (``args -> exit code``); ``COMMANDS`` lists them. Handlers import the heavy modules (torch,
@@ -150,9 +152,64 @@ def _run_segment(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------------------
+def _add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    from .run_evaluation import add_evaluate_arguments
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="mIoU on the open-vocabulary segmentation benchmarks (same as training/evaluate.py)",
+        description="Writes results.json, results.md, model_index.yaml and an overlay grid per benchmark.",
+    )
+    add_evaluate_arguments(parser)
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .run_evaluation import run_evaluate
+
+    try:
+        run_evaluate(args)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        _error("evaluate", str(error))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
+# toy-world
+# --------------------------------------------------------------------------------------------------------------
+def _add_toy_world_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "toy-world",
+        help="the embedded default end to end on a CPU: world, CLIP, CoDe, evaluation, overlay",
+        description="Generates the toy world, pretrains its CLIP, trains CoDe and the TCL-only ablation, "
+        "evaluates them and the MaskCLIP baseline on the test split and prints the mIoU table.",
+    )
+    parser.add_argument("--output_dir", default="outputs/toy_world")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="a miniature run (seconds; for smoke tests)")
+    parser.set_defaults(handler=_run_toy_world)
+
+
+def _run_toy_world(args: argparse.Namespace) -> int:
+    from .toy_pipeline import ToyPipelineSettings, run_toy_world
+
+    if args.quick:
+        settings = ToyPipelineSettings.quick(args.output_dir)
+    else:
+        settings = ToyPipelineSettings(output_dir=args.output_dir)
+    settings.seed, settings.threads = args.seed, args.threads
+    run_toy_world(settings)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------------------
-COMMANDS = (_add_segment_command,)
+COMMANDS = (_add_segment_command, _add_evaluate_command, _add_toy_world_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,3 +82,25 @@ def pad_token_ids(tokenizer, texts: list[str], length: int = 77) -> torch.Tensor
             ids = [*ids[: length - 1], tokenizer.eos_token_id]
         rows[row, : len(ids)] = torch.tensor(ids)
     return rows
+
+
+# Small windows and resize so a whole image is a handful of tiny-CLIP windows.
+TINY_INFERENCE = {"window_size": 64, "window_stride": 32, "inference_short_side": 64, "inference_max_long_side": 128}
+
+
+def save_tiny_model(directory, clip_dir, tokenizer):
+    """A random-weight tiny CoDe model and its processor saved as ``from_pretrained`` expects them."""
+    from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor
+
+    torch.manual_seed(0)
+    model = CoDeModel.from_clip(str(clip_dir), tokenizer=tokenizer, **TINY_CODE_OVERRIDES, **TINY_INFERENCE)
+    model.save_pretrained(directory)
+    image_processor = CoDeImageProcessor(eval_short_side=64, eval_max_long_side=128, train_crop_size=32)
+    CoDeProcessor(image_processor, tokenizer).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
+    """A saved tiny CoDe model + processor directory (read-only for tests: copy it before changing it)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_code_model"), tiny_clip_dir, tiny_tokenizer)

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 from playwright.sync_api import sync_playwright
-from test_demo import save_tiny_demo_model
 from test_space_app import EXAMPLE_IMAGE, REPO_ROOT, serve_app
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -27,8 +26,8 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
-    model_dir = save_tiny_demo_model(tmp_path_factory.mktemp("browser_model"), tiny_clip_dir, tiny_tokenizer)
+def app_url(tmp_path_factory, tiny_model_dir):
+    model_dir = tiny_model_dir
     with serve_app(model_dir, tmp_path_factory.mktemp("browser_log") / "app.log") as url:
         yield url, model_dir
 

@@ -7,16 +7,13 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_segmenter import save_tiny_segmentation_model
 
 from modeling_code.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
-    return save_tiny_segmentation_model(
-        tmp_path_factory.mktemp("tiny_code_cli"), tiny_clip_dir, tiny_tokenizer
-    )
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def write_photo(path, height: int, width: int, seed: int):

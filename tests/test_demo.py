@@ -7,11 +7,8 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
-import torch
-from conftest import TINY_CODE_OVERRIDES
 from PIL import Image
 
-from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor
 from modeling_code.demo import (
     MAX_CLASSES,
     MODEL_ENV_VAR,
@@ -30,23 +27,6 @@ from modeling_code.demo import (
 from modeling_code.segmenter import CoDeSegmenter
 from modeling_code.toy_world import TOY_CLASSES
 from modeling_code.visualization import palette
-
-# Small windows and resize so a whole image is a handful of tiny-CLIP windows.
-TINY_INFERENCE = {"window_size": 64, "window_stride": 32, "inference_short_side": 64}
-
-
-def save_tiny_demo_model(directory: Path, clip_dir: Path, tokenizer) -> Path:
-    """Save a random-weight CoDe model and its processor, as the demo loads them, into ``directory``."""
-    torch.manual_seed(0)
-    model = CoDeModel.from_clip(str(clip_dir), tokenizer=tokenizer, **TINY_CODE_OVERRIDES, **TINY_INFERENCE)
-    model.save_pretrained(directory)
-    CoDeProcessor(CoDeImageProcessor(eval_short_side=64, train_crop_size=32), tokenizer).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
-    return save_tiny_demo_model(tmp_path_factory.mktemp("demo_model"), tiny_clip_dir, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

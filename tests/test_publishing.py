@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_model
 from huggingface_hub import ModelCard
-from test_demo import save_tiny_demo_model
 
 from modeling_code.publishing import publish, remote_code_files, upload_file_list
 from modeling_code.training_config import TrainingConfig, save_training_config
@@ -39,7 +39,7 @@ Image.new("RGB", (90, 70), (40, 160, 60)).save("photo.jpg")
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
     """A trainer-like output folder: model, processor, training config, and files that must not be uploaded."""
-    directory = save_tiny_demo_model(tmp_path_factory.mktemp("trained"), tiny_clip_dir, tiny_tokenizer)
+    directory = save_tiny_model(tmp_path_factory.mktemp("trained"), tiny_clip_dir, tiny_tokenizer)
     save_training_config(TrainingConfig(), directory / "training_config.yaml")
     (directory / "training_summary.json").write_text("{}")
     (directory / "checkpoint-10").mkdir()

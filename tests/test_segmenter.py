@@ -9,40 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CODE_OVERRIDES
 from PIL import Image
 
-from modeling_code import CoDeModel
 from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
 from modeling_code.inference import VocabularyEmbeddings, encode_vocabulary
 from modeling_code.processing_code import CoDeProcessor
 from modeling_code.segmenter import CoDeSegmenter, SegmentationResult
 
-# Small protocol sizes for the tiny CLIP (8-pixel patches): short side 64, 64-pixel windows, stride 32.
-TINY_PROTOCOL = {
-    "inference_short_side": 64,
-    "inference_max_long_side": 128,
-    "window_size": 64,
-    "window_stride": 32,
-}
-
-
-def save_tiny_segmentation_model(directory, tiny_clip_dir, tiny_tokenizer):
-    """A tiny CoDe model with its processor saved to ``directory``, as ``CoDeSegmenter.from_pretrained`` expects."""
-    torch.manual_seed(0)
-    model = CoDeModel.from_clip(
-        str(tiny_clip_dir), tokenizer=tiny_tokenizer, **TINY_CODE_OVERRIDES, **TINY_PROTOCOL
-    )
-    model.save_pretrained(directory)
-    CoDeProcessor(
-        CoDeImageProcessor(eval_short_side=64, eval_max_long_side=128), tiny_tokenizer
-    ).save_pretrained(directory)
-    return directory
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
-    return save_tiny_segmentation_model(tmp_path_factory.mktemp("tiny_code"), tiny_clip_dir, tiny_tokenizer)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from huggingface_hub import SpaceCard
 from PIL import Image
-from test_demo import save_tiny_demo_model
 
 from modeling_code.demo import color_map
 
@@ -76,11 +75,6 @@ def serve_app(model_dir: Path, log_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
-    return save_tiny_demo_model(tmp_path_factory.mktemp("space_model"), tiny_clip_dir, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
