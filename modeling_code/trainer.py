@@ -180,7 +180,7 @@ class Evaluator:
         return self._validation_batches
 
     def _segmentation_miou(self, model: CoDeModel) -> float:
-        from .evaluation import evaluate_dataset
+        from .run_evaluation import evaluate_dataset
 
         section = self.config.eval
         result = evaluate_dataset(

@@ -51,11 +51,11 @@ def write_jsonl_dataset(directory: Path, corrupt: int = 0, nounless: int = 0, co
     return path
 
 
-def write_config(tmp_path: Path, clip_dir: Path, data: Path, **sections) -> Path:
+def write_config(tmp_path: Path, clip_dir: Path, data_file: Path, **sections) -> Path:
     config = {
         "model": {"clip": str(clip_dir), "overrides": dict(TINY_CODE_OVERRIDES),
                   "processor_overrides": {"train_crop_size": 32}},
-        "data": {"sources": [{"type": "jsonl", "path": str(data)}], "batch_size": 2, "num_workers": 0,
+        "data": {"sources": [{"type": "jsonl", "path": str(data_file)}], "batch_size": 2, "num_workers": 0,
                  "shuffle_buffer": 1},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "reference_batch_size": 2, "warmup_steps": 2, "max_steps": 4,
                   "ust_steps": 2},
@@ -219,3 +219,38 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip
     for name, value in one["parameters"].items():
         torch.testing.assert_close(torch.tensor(two["parameters"][name]), torch.tensor(value), rtol=1e-4,
                                    atol=1e-6, msg=name)
+
+
+def test_periodic_evaluation_keeps_the_best_model(tmp_path, tiny_clip_dir):
+    import datasets
+
+    data = write_jsonl_dataset(tmp_path / "data", copies=1)
+    rng = np.random.default_rng(2)
+    rows = {"image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)],
+            "label": [Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)) for _ in range(2)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "seg"))
+    config = write_config(
+        tmp_path, tiny_clip_dir, data, logging={"tracker": None},
+        model={"clip": str(tiny_clip_dir), "overrides": {**TINY_CODE_OVERRIDES, "window_size": 32, "window_stride": 16,
+                                                          "inference_short_side": 32}},
+        eval={"every": 2, "dataset": {"path": str(tmp_path / "seg"), "split": "train", "raw_label_ids": False},
+              "class_names": ["cat", "dog", "sky"], "overrides": {"use_pamr": False}},
+    )
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = json.loads((tmp_path / "run" / "best" / "training_summary.json").read_text())["best"]
+    assert best["metric"] == "miou" and best["step"] in (2, 4) and 0.0 <= best["value"] <= 1.0
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    final = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert final["best"] == best
+
+
+def test_validation_loss_is_the_fallback_metric(tmp_path, tiny_clip_dir):
+    data = write_jsonl_dataset(tmp_path / "data", copies=1)
+    config = write_config(tmp_path, tiny_clip_dir, data, logging={"tracker": None},
+                          data={"validation_sources": [{"type": "jsonl", "path": str(data)}]},
+                          eval={"every": 2, "validation_batches": 2})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = json.loads((tmp_path / "run" / "best" / "training_summary.json").read_text())["best"]
+    assert best["metric"] == "validation_loss" and best["value"] > 0

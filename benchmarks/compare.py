@@ -1,0 +1,147 @@
+"""Every row of shared/reference/PERFORMANCE.md for code-seg on this CPU, side by side with the targets.
+
+    python benchmarks/compare.py [--threads 2] [--runs 3] [--passive-wait]
+
+A randomly initialised ViT-B/16-sized CoDe (same cost as trained weights). Each row: our median time, our ratio
+to a bare ``CLIPVisionModel`` pass over the same windows measured in the same process, and the target. The
+training-step peak RSS is measured in a fresh subprocess. Reuses benchmarks/inference.py and train_step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import inference  # sibling benchmark scripts
+import train_step
+
+from modeling_code.benchmarks import get_benchmark
+
+VOC_NAMES = get_benchmark("voc20").class_names
+
+ORIGINAL = {  # PERFORMANCE.md: (original release, ratio to bare, code-seg target)
+    "bare": ("0.80 s", "1.00", "(the floor)"),
+    "window": ("1.25 s", "1.55", "<= 1.25x"),
+    "window_pamr": ("1.59 s", "1.97", "<= 1.30x"),
+    "voc": ("3.30 s", "2.05", "<= 1.40x"),
+    "vocabulary": ("6.07 s", "-", "<= 0.6 s"),
+    "demo": ("9.4 s", "-", "<= 3 s"),
+    "train": ("3.59 s", "-", "<= 2.5 s"),
+    "rss": ("3.0 GB", "-", "<= 1.8 GB"),
+    "frozen": ("299 M", "-", "~150 M"),
+}
+
+
+def _median_seconds(run, runs: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
+    """(20-class vocabulary seconds, demo request with a new vocabulary seconds, bare pass of its windows)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from modeling_code import CoDeConfig, CoDeModel
+    from modeling_code.image_processing_code import CoDeImageProcessor
+    from modeling_code.inference import encode_vocabulary
+    from modeling_code.processing_code import CoDeProcessor
+    from modeling_code.segmenter import CoDeSegmenter
+    from modeling_code.templates import get_templates
+    from modeling_code.word_tokenizer import build_clip_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = CoDeModel(CoDeConfig()).eval()
+    words = {w.strip(".,{}") for t in get_templates("custom") for w in t.split()} | set(VOC_NAMES)
+    with tempfile.TemporaryDirectory() as directory:  # ids index into the 49,408-row embedding like CLIP's
+        tokenizer = build_clip_tokenizer(sorted(words), directory)
+    model.config.clip_config.text_config.eos_token_id = tokenizer.eos_token_id
+    model.prompt_learner.eos_token_id = tokenizer.eos_token_id
+    processor = CoDeProcessor(CoDeImageProcessor(), tokenizer)
+    vocabulary_seconds = _median_seconds(lambda: encode_vocabulary(model, processor, list(VOC_NAMES)), runs)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    counter = iter(range(10**6))
+
+    def demo_request():  # a fresh vocabulary every time: the cache cannot help
+        segmenter = CoDeSegmenter(model, processor, vocabulary_cache_size=0)
+        names = ["background", *VOC_NAMES[:-1], f"{VOC_NAMES[-1]} {next(counter)}"]
+        segmenter(image, names)
+
+    demo_seconds = _median_seconds(demo_request, runs)
+    return vocabulary_seconds, demo_seconds
+
+
+def training_step(threads: int, runs: int) -> tuple[float, float, dict]:
+    import torch
+
+    torch.set_num_threads(threads)
+    times, model = train_step.run_steps("vit-b16", batch_size=2, steps=runs)
+    report = train_step.parameter_report(model)
+    child = subprocess.run(
+        [sys.executable, train_step.__file__, "--rss-only", "vit-b16", "--threads", str(threads), "--batch-size", "2"],
+        capture_output=True, text=True, check=True,
+    )
+    rss = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_MB"]
+    return statistics.median(times), rss, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--passive-wait", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (shared machines)")
+    args = parser.parse_args()
+    if args.passive_wait:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    print(f"code-seg vs the original release: CPU, {args.threads} threads, medians of {args.runs} runs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    window = inference._in_fresh_process(inference.time_scenario, inference.SCENARIOS[0], args.threads, args.runs)
+    voc = inference._in_fresh_process(inference.time_scenario, inference.SCENARIOS[1], args.threads, args.runs)
+    vocabulary_seconds, demo_seconds = inference._in_fresh_process(vocabulary_and_demo, args.threads, args.runs)
+    train_seconds, train_rss, params = inference._in_fresh_process(training_step, args.threads, args.runs)
+
+    bare = window["wall"]["bare"]
+    rows = [
+        ("bare CLIP vision pass, one 448x448 window", "bare", f"{bare:.2f} s", "1.00"),
+        ("one 448 window, masks + KP, no PAMR", "window", f"{window['wall']['no_pamr']:.2f} s",
+         f"{window['wall']['no_pamr'] / bare:.2f}"),
+        ("one 448 window, masks + KP + PAMR", "window_pamr", f"{window['wall']['pamr']:.2f} s",
+         f"{window['wall']['pamr'] / bare:.2f}"),
+        ("VOC-size image (500x375 -> 2 windows), PAMR", "voc", f"{voc['wall']['pamr']:.2f} s",
+         f"{voc['wall']['pamr'] / voc['wall']['bare']:.2f} (vs 2 passes)"),
+        ("vocabulary embeddings: 20 classes, prompted + 9 templates", "vocabulary", f"{vocabulary_seconds:.2f} s", "-"),
+        ("demo request with a new vocabulary (vocabulary + VOC image)", "demo", f"{demo_seconds:.2f} s", "-"),
+        ("training step, batch 2, K = 2 nouns, 224 px", "train",
+         f"{train_seconds:.2f} s ({2 / train_seconds:.2f} samples/s)", "-"),
+        ("training peak memory (process RSS)", "rss", f"{train_rss / 1024:.2f} GB", "-"),
+        ("frozen parameters held", "frozen", f"{params['frozen_params_M']:.0f} M (CLIP once)", "-"),
+    ]
+    header = f"| {'work':60s} | {'original':9s} | {'orig. ratio':11s} | {'code-seg':26s} | {'ratio':20s} | target |"
+    print(header)
+    print("|" + "|".join("-" * (len(cell) + 2) for cell in header.strip("|").split("|")) + "|")
+    for title, key, ours, ratio in rows:
+        original, original_ratio, target = ORIGINAL[key]
+        print(f"| {title:60s} | {original:9s} | {original_ratio:11s} | {ours:26s} | {ratio:20s} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
