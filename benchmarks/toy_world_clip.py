@@ -141,13 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", help="a saved toy world (load_from_disk); generated if omitted")
     parser.add_argument("--clip", help="a saved CLIP directory to evaluate instead of pretraining one")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--prompt_probability", type=float, default=0.0)
+    parser.add_argument("--prompt_probability", type=float, default=0.25)
     parser.add_argument("--min_crop_scale", type=float, default=1.0)
     parser.add_argument("--logit_scale_init", type=float, default=None)
-    parser.add_argument("--vision_hidden_size", type=int, default=192)
+    parser.add_argument("--vision_hidden_size", type=int, default=128)
     parser.add_argument("--vision_layers", type=int, default=4)
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--text_hidden_size", type=int, default=128)
@@ -188,7 +188,7 @@ def main() -> None:
         )
         if args.logit_scale_init is not None:
             config.logit_scale_init_value = args.logit_scale_init
-        noun_forms = {c: c for c in TOY_THINGS} | {p: c for c, p in TOY_PLURALS.items()}
+        noun_forms = {c: c for c in TOY_CLASSES} | {p: c for c, p in TOY_PLURALS.items()}
         start, cpu_start = time.perf_counter(), time.process_time()
         model = pretrain_clip(
             world["train"], tokenizer, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .image_processing_code import IMAGENET_MEAN, IMAGENET_STD
+from .processing_code import clip_token_ids
+
 CONTEXT_LENGTH = 77
 # Prompts for the optional noun-prompt texts (the 9 "custom" evaluation templates of CoDe).
 PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -31,7 +32,7 @@ def small_clip_config(
     tokenizer: CLIPTokenizer,
     image_size: int = 112,
     patch_size: int = 16,
-    vision_hidden_size: int = 192,
+    vision_hidden_size: int = 128,
     vision_layers: int = 4,
     text_hidden_size: int = 128,
     text_layers: int = 3,
@@ -78,12 +79,7 @@ def tokenize_texts(
     tokenizer: CLIPTokenizer, texts: Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> torch.Tensor:
     """CLIP token ids [N, context_length]: start, tokens, end, then zeros; overlong texts keep the end token."""
-    ids = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, token_ids in enumerate(tokenizer(list(texts), add_special_tokens=True)["input_ids"]):
-        if len(token_ids) > context_length:
-            token_ids = [*token_ids[: context_length - 1], tokenizer.eos_token_id]
-        ids[row, : len(token_ids)] = torch.tensor(token_ids)
-    return ids
+    return clip_token_ids(tokenizer, list(texts), context_length)[0]
 
 
 def images_to_tensor(images: Sequence, image_size: int) -> torch.Tensor:
@@ -193,7 +189,7 @@ def pretrain_clip(
     dataset,
     tokenizer: CLIPTokenizer,
     config: CLIPConfig,
-    steps: int = 400,
+    steps: int = 300,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,

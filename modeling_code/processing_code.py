@@ -34,6 +34,32 @@ SUB_PROCESSOR_LOADING_KWARGS = (
 PER_NOUN_KEYS = ("noun_input_ids", "template_input_ids")
 
 
+def _bpe_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """BPE token ids of each text, without special tokens and without truncation."""
+    if not texts:
+        return []
+    # verbose=False: over-long texts are handled (and reported) by the caller, not logged.
+    return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def clip_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, list[bool]]:
+    """CLIP token ids as CoDe uses them: SOS, BPE tokens, EOS, then 0 up to ``context_length`` (spec §1.1).
+
+    Texts that do not fit are cut with EOS kept as the last token. Returns ``(ids [N, L], truncated flags)``.
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must hold at least SOS and EOS (2); got {context_length}.")
+    input_ids = torch.zeros(len(texts), context_length, dtype=torch.long)
+    truncated: list[bool] = []
+    for row, tokens in enumerate(_bpe_ids(tokenizer, texts)):
+        sequence = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
+        truncated.append(len(sequence) > context_length)
+        if len(sequence) > context_length:
+            sequence = [*sequence[: context_length - 1], tokenizer.eos_token_id]
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return input_ids, truncated
+
+
 class CoDeProcessor(ProcessorMixin):
     r"""Processor of CoDe.
 
@@ -97,18 +123,7 @@ class CoDeProcessor(ProcessorMixin):
             ``(input_ids, truncated)``: a ``torch.LongTensor`` [N, L] and one bool per text.
         """
         length = self.context_length if context_length is None else context_length
-        if length < 2:
-            raise ValueError(f"context_length must hold at least SOS and EOS (2); got {length}.")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        input_ids = torch.zeros(len(texts), length, dtype=torch.long)
-        truncated: list[bool] = []
-        for row, tokens in enumerate(self._bpe_ids(texts)):
-            sequence = [self.tokenizer.bos_token_id, *tokens, self.tokenizer.eos_token_id]
-            truncated.append(len(sequence) > length)
-            if len(sequence) > length:
-                sequence = [*sequence[: length - 1], self.tokenizer.eos_token_id]
-            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        return input_ids, truncated
+        return clip_token_ids(self.tokenizer, [texts] if isinstance(texts, str) else list(texts), length)
 
     def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """CLIP token ids: SOS, BPE tokens, EOS, then 0 up to L positions.
@@ -125,11 +140,7 @@ class CoDeProcessor(ProcessorMixin):
         return self.tokenize_with_truncation_flags(texts, context_length)[0]
 
     def _bpe_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """BPE token ids of each text, without special tokens and without truncation."""
-        if not texts:
-            return []
-        # verbose=False: over-long texts are handled (and reported) by the caller, not logged.
-        return self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        return _bpe_ids(self.tokenizer, texts)
 
     # ------------------------------------------------------------------------------- training
 

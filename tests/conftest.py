@@ -75,13 +75,9 @@ def tiny_code_model(tiny_clip_dir, tiny_tokenizer):
 
 def pad_token_ids(tokenizer, texts: list[str], length: int = 77) -> torch.Tensor:
     """CLIP token ids padded with 0 to ``length`` (EOS kept last when cut): [len(texts), length]."""
-    rows = torch.zeros(len(texts), length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) > length:
-            ids = [*ids[: length - 1], tokenizer.eos_token_id]
-        rows[row, : len(ids)] = torch.tensor(ids)
-    return rows
+    from modeling_code.processing_code import clip_token_ids
+
+    return clip_token_ids(tokenizer, texts, length)[0]
 
 
 # Small windows and resize so a whole image is a handful of tiny-CLIP windows.

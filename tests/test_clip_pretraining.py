@@ -49,7 +49,7 @@ def test_small_clip_config(tiny_tokenizer):
         tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id, 0)
     assert text.eos_token_id < text.vocab_size and text.eos_token_id != 2
     assert text.hidden_act == vision.hidden_act == "quick_gelu"
-    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (112, 16, 192, 4)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (112, 16, 128, 4)
     assert vision.intermediate_size == 4 * vision.hidden_size
     assert config.projection_dim == 128
     with pytest.raises(ValueError, match="multiple of patch_size"):

@@ -25,8 +25,8 @@ import torch
 
 from modeling_code.clip_pretraining import pretrain_clip, small_clip_config
 from modeling_code.toy_world import (
+    TOY_CLASSES,
     TOY_PLURALS,
-    TOY_THINGS,
     ToyWorldConfig,
     build_toy_world,
     toy_world_vocabulary,
@@ -46,13 +46,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight_decay", type=float, default=0.1)
-    parser.add_argument("--prompt_probability", type=float, default=0.5,
-                        help="chance of replacing a caption by a prompt naming one of its things")
+    parser.add_argument("--prompt_probability", type=float, default=0.25,
+                        help="chance of replacing a caption by a prompt naming one of its nouns")
     parser.add_argument("--min_crop_scale", type=float, default=1.0,
                         help="smallest area of the random crops (1.0: flips only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patch_size", type=int, default=16)
-    parser.add_argument("--vision_hidden_size", type=int, default=192)
+    parser.add_argument("--vision_hidden_size", type=int, default=128)
     parser.add_argument("--vision_layers", type=int, default=4)
     parser.add_argument("--text_hidden_size", type=int, default=128)
     parser.add_argument("--text_layers", type=int, default=3)
@@ -90,8 +90,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
         num_attention_heads=args.num_attention_heads, projection_dim=args.projection_dim,
     )
-    # Prompts name things only: the stuff is learnt from the captions alone, the things need help.
-    noun_forms = {name: name for name in TOY_THINGS} | {plural: name for name, plural in TOY_PLURALS.items()}
+    noun_forms = {name: name for name in TOY_CLASSES} | {plural: name for name, plural in TOY_PLURALS.items()}
     losses: list[float] = []
     start = time.perf_counter()
     model = pretrain_clip(
