@@ -38,11 +38,11 @@ from modeling_code.clip_pretraining import (
 )
 from modeling_code.toy_world import (
     TOY_CLASSES,
-    TOY_PLURALS,
     TOY_STUFF,
     TOY_THINGS,
     ToyWorldConfig,
     build_toy_world,
+    toy_noun_forms,
 )
 from modeling_code.word_tokenizer import build_clip_tokenizer
 
@@ -188,7 +188,7 @@ def main() -> None:
         )
         if args.logit_scale_init is not None:
             config.logit_scale_init_value = args.logit_scale_init
-        noun_forms = {c: c for c in TOY_CLASSES} | {p: c for c, p in TOY_PLURALS.items()}
+        noun_forms = toy_noun_forms()
         start, cpu_start = time.perf_counter(), time.process_time()
         model = pretrain_clip(
             world["train"], tokenizer, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -81,7 +81,7 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
 
     from .clip_pretraining import pretrain_clip, small_clip_config
     from .segmenter import CoDeSegmenter
-    from .toy_world import TOY_CLASSES, TOY_PLURALS, ToyWorldConfig, save_toy_world, toy_world_vocabulary
+    from .toy_world import TOY_CLASSES, ToyWorldConfig, save_toy_world, toy_noun_forms, toy_world_vocabulary
     from .trainer import train
     from .word_tokenizer import build_clip_tokenizer
 
@@ -102,7 +102,7 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     clip_dir = out / "clip"
     tokenizer = build_clip_tokenizer(toy_world_vocabulary(), clip_dir)
     clip_config = small_clip_config(tokenizer, image_size=world_config.image_size)
-    noun_forms = {name: name for name in TOY_CLASSES} | {plural: name for name, plural in TOY_PLURALS.items()}
+    noun_forms = toy_noun_forms()
     clip = pretrain_clip(world["train"], tokenizer, clip_config, steps=settings.clip_steps,
                          batch_size=settings.clip_batch_size, seed=settings.seed, progress=settings.progress,
                          noun_forms=noun_forms)

@@ -517,6 +517,11 @@ def toy_world_config_of(dataset) -> ToyWorldConfig:
         raise ValueError("this dataset was not made by build_toy_world (no toy-world description)") from error
 
 
+def toy_noun_forms() -> dict[str, str]:
+    """Every caption word that names a class, mapped to the class: singulars and plurals ("circles" -> "circle")."""
+    return {name: name for name in TOY_CLASSES} | {plural: name for name, plural in TOY_PLURALS.items()}
+
+
 def toy_world_vocabulary() -> list[str]:
     """Every word a toy-world caption can use, plus the words of the standard prompt templates."""
     words = set(TOY_CLASSES) | set(TOY_PLURALS.values()) | set(TOY_COLOURS) | set(PROMPT_WORDS)

@@ -25,10 +25,9 @@ import torch
 
 from modeling_code.clip_pretraining import pretrain_clip, small_clip_config
 from modeling_code.toy_world import (
-    TOY_CLASSES,
-    TOY_PLURALS,
     ToyWorldConfig,
     build_toy_world,
+    toy_noun_forms,
     toy_world_vocabulary,
 )
 from modeling_code.word_tokenizer import build_clip_tokenizer
@@ -90,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         text_hidden_size=args.text_hidden_size, text_layers=args.text_layers,
         num_attention_heads=args.num_attention_heads, projection_dim=args.projection_dim,
     )
-    noun_forms = {name: name for name in TOY_CLASSES} | {plural: name for name, plural in TOY_PLURALS.items()}
+    noun_forms = toy_noun_forms()
     losses: list[float] = []
     start = time.perf_counter()
     model = pretrain_clip(
