@@ -105,6 +105,39 @@ def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tens
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
+def causal_block_after_prefix(
+    layer: CLIPEncoderLayer, hidden_states: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A causal CLIP text block over positions that follow a shared, already computed prefix.
+
+    Args:
+        hidden_states: [N, S, W], the S positions after the prefix (or the prefix itself when ``prefix`` is None).
+        prefix: the block's attention keys and values of the P prefix positions, each [1, heads, P, W / heads],
+            shared by all N rows; None for no prefix.
+    Returns:
+        ([N, S, W] block output, (keys, values) of these S positions, each [N, heads, S, W / heads]).
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    normed = layer.layer_norm1(hidden_states)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, length, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    queries, keys, values = heads(attention.q_proj(normed)), heads(attention.k_proj(normed)), heads(attention.v_proj(normed))
+    visible = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).tril_()
+    all_keys, all_values = keys, values
+    if prefix is not None:
+        prefix_length = prefix[0].shape[2]
+        all_keys = torch.cat([prefix[0].expand(batch, -1, -1, -1), keys], dim=2)
+        all_values = torch.cat([prefix[1].expand(batch, -1, -1, -1), values], dim=2)
+        visible = torch.cat([visible.new_ones(length, prefix_length), visible], dim=1)
+    context = F.scaled_dot_product_attention(queries, all_keys, all_values, attn_mask=visible, scale=attention.scale)
+    hidden_states = hidden_states + attention.out_proj(context.transpose(1, 2).reshape(batch, length, -1))
+    hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+    return hidden_states, (keys, values)
+
+
 def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
     """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
 
@@ -135,10 +168,24 @@ def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device)
 # --------------------------------------------------------------------------------------------------------------
 # Masker
 # --------------------------------------------------------------------------------------------------------------
-# Which 3×3 kernel rows each output phase of a nearest-×2-upsampled map reads, per low-resolution tap:
-# phase 0 reads rows (i-1, i) with kernel rows (0, 1+2); phase 1 reads rows (i, i+1) with (0+1, 2).
-# _PHASE_FOLD[phase, tap, kernel_row]; the same folding applies to columns.
-_PHASE_FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
+    """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
+
+    ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
+    (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
+    ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
+    phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
+    offset dimension.
+    """
+    size = taps.shape[axis]
+    offset = [taps.select(axis + 2, k) for k in range(3)]
+    if phase == 0:
+        total = offset[1] + offset[2]
+        total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
+    else:
+        total = offset[0] + offset[1]
+        total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
+    return total
 
 
 class CoDeLayerNorm2d(nn.LayerNorm):
@@ -152,9 +199,11 @@ class CoDeUpsampleBlock(nn.Module):
     """Pre-activation residual block: ``up(x) + tanh(gate) * conv3x3(GELU(LN(up(x))))`` with ``up`` nearest ×2.
 
     ``plain_forward`` is the literal definition on [B, C, H, W] maps. ``forward`` computes the same values on
-    channels-last [B, H, W, C] maps with less work: LayerNorm and GELU act per pixel, so they commute with
-    nearest upsampling and run at low resolution, and the 3×3 convolution of the upsampled map equals four 2×2
-    "phase" convolutions of the low-resolution map (4 taps per output instead of 9).
+    channels-last [B, H, W, C] maps with less work. LayerNorm and GELU act per pixel, so they commute with
+    nearest upsampling and run at low resolution. Every output pixel of the 3×3 convolution of the upsampled
+    map sums its 9 taps read at low-resolution positions, so each tap's product is computed once per
+    low-resolution pixel (one [C, 9 C] matrix product) and the four output phases add shifted slices of it:
+    9 products per low-resolution pixel, where four 2×2 phase convolutions need 16 and the plain convolution 36.
     """
 
     def __init__(self, config: CoDeConfig):
@@ -163,41 +212,40 @@ class CoDeUpsampleBlock(nn.Module):
         self.norm = CoDeLayerNorm2d(width, eps=config.clip_config.vision_config.layer_norm_eps)
         self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
         self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
-        self._folded: tuple[tuple, torch.Tensor] | None = None
+        self._tap_cache: tuple[tuple, torch.Tensor] | None = None
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reference path. x: [B, C, H, W] -> [B, C, 2H, 2W]."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return x + torch.tanh(self.gate) * self.conv(F.gelu(self.norm(x)))
 
-    def _phase_weights(self) -> torch.Tensor:
-        """The 3×3 kernel folded into four 2×2 kernels, stacked as [4 * C_out, C_in, 2, 2] (phase 2a + b).
+    def _tap_weights(self) -> torch.Tensor:
+        """The 3×3 kernel as one matrix [C_in, 3 * 3 * C_out] (tap-major: row tap, column tap, output channel).
 
-        Without gradients (inference) the folded kernel is cached until the weights change.
+        Without gradients (inference) the matrix is cached until the weights change.
         """
         weight = self.conv.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
-        if cacheable and self._folded is not None and self._folded[0] == key:
-            return self._folded[1]
-        fold = _PHASE_FOLD.to(weight.dtype).to(weight.device)
-        folded = torch.einsum("ark,bcl,oikl->aboirc", fold, fold, weight).reshape(-1, weight.shape[1], 2, 2)
-        self._folded = (key, folded) if cacheable else None
-        return folded
+        if cacheable and self._tap_cache is not None and self._tap_cache[0] == key:
+            return self._tap_cache[1]
+        taps = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1).contiguous()
+        self._tap_cache = (key, taps) if cacheable else None
+        return taps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C]."""
         batch, height, width, channels = x.shape
-        activated = F.pad(F.gelu(F.layer_norm(x, (channels,), self.norm.weight, self.norm.bias, self.norm.eps)),
-                          (0, 0, 1, 1, 1, 1))
-        # a channels-last input makes the convolution return channels-last: [B, H+1, W+1, 4C] after the permute
-        out = F.conv2d(activated.permute(0, 3, 1, 2), self._phase_weights(), self.conv.bias.repeat(4))
-        out = out.permute(0, 2, 3, 1).reshape(batch, height + 1, width + 1, 2, 2, channels)
-        residual = torch.stack(
-            [torch.stack([out[:, a : a + height, b : b + width, a, b] for b in range(2)], 3) for a in range(2)], 2
-        )  # [B, H, 2, W, 2, C]
-        residual = residual.mul_(torch.tanh(self.gate)).add_(x[:, :, None, :, None])
-        return residual.view(batch, 2 * height, 2 * width, channels)
+        activated = F.gelu(F.layer_norm(x, (channels,), self.norm.weight, self.norm.bias, self.norm.eps))
+        # per low-resolution pixel, the products of all 9 kernel taps: [B, H, W, row tap, column tap, C]
+        taps = (activated @ self._tap_weights()).view(batch, height, width, 3, 3, channels)
+        out = x.new_empty(batch, height, 2, width, 2, channels)
+        for column_phase in range(2):
+            column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
+            for row_phase in range(2):
+                out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+        out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, :, None, :, None])
+        return out.view(batch, 2 * height, 2 * width, channels)
 
 
 class CoDeMaskerDecoder(nn.Module):
@@ -572,6 +620,40 @@ class CoDeModel(CoDePreTrainedModel):
         word_embeddings = self.clip.text_model.embeddings.token_embedding(input_ids)
         return self.encode_text_embeddings(word_embeddings, self.eos_positions(input_ids), cut_at_eos)
 
+    def encode_text_embeddings_shared_prefix(
+        self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor, prefix_length: int
+    ) -> torch.Tensor:
+        """``encode_text_embeddings`` for rows whose first ``prefix_length`` word embeddings are the same.
+
+        inputs_embeds [N, L, W_t], eos_index [N] (each > ``prefix_length`` - 1) -> unit-norm [N, C]. In the causal
+        tower the positions of a prefix common to every row have the same states in every row, so the prefix runs
+        once and the rows run only from its end to their longest EOS, attending to its cached keys and values.
+        Same result as ``encode_text_embeddings`` up to float rounding.
+        """
+        text = self.clip.text_model
+        end = int(eos_index.max()) + 1
+        positions = text.embeddings.position_embedding.weight
+        prefix = inputs_embeds[:1, :prefix_length] + positions[:prefix_length]
+        rows = inputs_embeds[:, prefix_length:end] + positions[prefix_length:end]
+        for layer in text.encoder.layers:
+            prefix_cache = None
+            if prefix_length:
+                prefix, prefix_cache = causal_block_after_prefix(layer, prefix)
+            rows, _ = causal_block_after_prefix(layer, rows, prefix_cache)
+        pooled = text.final_layer_norm(rows[torch.arange(rows.shape[0], device=rows.device), eos_index - prefix_length])
+        return F.normalize(self.clip.text_projection(pooled), dim=-1)
+
+    def encode_text_shared_prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``encode_text`` for rows that begin alike (one prompt template filled with many names): [N, L] -> [N, C].
+
+        The prefix is the longest run of leading tokens common to all rows, short of the first EOS.
+        """
+        eos_index = self.eos_positions(input_ids)
+        shared = (input_ids == input_ids[:1]).all(0).int().cumprod(0)
+        prefix_length = min(int(shared.sum()), int(eos_index.min()))  # every row keeps at least its EOS
+        word_embeddings = self.clip.text_model.embeddings.token_embedding(input_ids)
+        return self.encode_text_embeddings_shared_prefix(word_embeddings, eos_index, prefix_length)
+
     def encode_caption_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden state of every token after CLIP's last text block, before the final LN: [B, L] -> [B, L, W_t]."""
         text = self.clip.text_model
@@ -588,17 +670,34 @@ class CoDeModel(CoDePreTrainedModel):
         return self.encode_text_embeddings(embeddings, eos_index, cut_at_eos)
 
     @torch.no_grad()
-    def get_class_embeddings(self, class_input_ids: torch.Tensor) -> torch.Tensor:
-        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C]."""
-        return self.encode_nouns(class_input_ids)
+    def get_class_embeddings(self, class_input_ids: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C].
+
+        Start token and learned context, the same for every class, run once (``plain``: every row in full).
+        """
+        if plain:
+            return self.encode_nouns(class_input_ids)
+        embeddings, eos_index = self.prompt_learner(class_input_ids, self.clip.text_model.embeddings.token_embedding)
+        prefix_length = min(1 + self.config.prompt_context_length, int(eos_index.min()))
+        return self.encode_text_embeddings_shared_prefix(embeddings, eos_index, prefix_length)
 
     @torch.no_grad()
-    def get_template_class_embeddings(self, template_input_ids: torch.Tensor, num_templates: int) -> torch.Tensor:
+    def get_template_class_embeddings(
+        self, template_input_ids: torch.Tensor, num_templates: int, plain: bool = False
+    ) -> torch.Tensor:
         """Template-ensembled frozen CLIP class embeddings for the KP branch.
 
         template_input_ids [N_cls * T, L] (class-major) -> mean of unit embeddings, re-normalised: [N_cls, C].
+        Each template's prompts share the words before the class name, which run once per template
+        (``encode_text_shared_prefix``); ``plain`` runs every prompt in full instead.
         """
-        embeddings = self.encode_text(template_input_ids).view(-1, num_templates, self.config.clip_config.projection_dim)
+        if plain:
+            embeddings = self.encode_text(template_input_ids).view(-1, num_templates, self.config.clip_config.projection_dim)
+        else:
+            by_template = template_input_ids.view(-1, num_templates, template_input_ids.shape[-1])
+            embeddings = torch.stack(
+                [self.encode_text_shared_prefix(by_template[:, index]) for index in range(num_templates)], dim=1
+            )
         return F.normalize(embeddings.mean(1), dim=-1)
 
     # ---------------------------------------------------------------- inference building block

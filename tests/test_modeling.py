@@ -93,7 +93,7 @@ def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, plain):
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (7, 4)])
-def test_phase_convolution_equals_plain_block(tiny_clip_config, size):
+def test_tap_product_convolution_equals_plain_block(tiny_clip_config, size):
     torch.manual_seed(1)
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     with torch.no_grad():
@@ -105,7 +105,23 @@ def test_phase_convolution_equals_plain_block(tiny_clip_config, size):
     torch.testing.assert_close(fast, block.plain_forward(x), rtol=1e-5, atol=1e-5)
 
 
-def test_folded_kernel_cache_follows_weight_updates(tiny_clip_config):
+def test_tap_product_convolution_has_the_plain_gradients(tiny_clip_config):
+    torch.manual_seed(2)
+    block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
+    with torch.no_grad():
+        block.gate.fill_(0.5)
+    x = torch.randn(2, 48, 3, 5, requires_grad=True)
+    upstream = torch.randn(2, 48, 6, 10)
+    gradients = []
+    for fast in (True, False):
+        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if fast else block.plain_forward(x)
+        gradients.append(torch.autograd.grad((out * upstream).sum(), [x, block.conv.weight, block.conv.bias,
+                                                                     block.gate, block.norm.weight]))
+    for fast_grad, plain_grad in zip(*gradients):
+        torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_tap_weight_cache_follows_weight_updates(tiny_clip_config):
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     x = torch.randn(1, 48, 3, 4)
     with torch.no_grad():
@@ -143,6 +159,25 @@ def test_text_embeddings_match_clip_and_cut_at_eos_is_exact(tiny_code_model, tin
     clip = model.clip.get_text_features(input_ids=ids)
     clip = clip.pooler_output if hasattr(clip, "pooler_output") else clip
     torch.testing.assert_close(ours, F.normalize(clip, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("names", [["cat", "traffic light", "dog"], ["big red dog"]])
+def test_vocabulary_embeddings_with_shared_prefixes_equal_the_plain_ones(tiny_code_model, tiny_tokenizer, names):
+    templates = ["a photo of a {}.", "a {} on the grass in the sky.", "{}", "itap of the {}s."]
+    ids = pad_token_ids(tiny_tokenizer, [template.format(name) for name in names for template in templates])
+    model = tiny_code_model
+    fast = model.get_template_class_embeddings(ids, len(templates))
+    torch.testing.assert_close(fast, model.get_template_class_embeddings(ids, len(templates), plain=True),
+                               rtol=1e-5, atol=1e-6)
+    class_ids = pad_token_ids(tiny_tokenizer, names)  # prompted: start token and learned context shared
+    with torch.no_grad():
+        model.prompt_learner.context.normal_()
+    torch.testing.assert_close(model.get_class_embeddings(class_ids),
+                               model.get_class_embeddings(class_ids, plain=True), rtol=1e-5, atol=1e-6)
+    by_template = ids.view(len(names), len(templates), -1)
+    for index in range(len(templates)):  # per prompt, not only the ensemble
+        torch.testing.assert_close(model.encode_text_shared_prefix(by_template[:, index]),
+                                   model.encode_text(by_template[:, index]), rtol=1e-5, atol=1e-6)
 
 
 def test_prompted_nouns_layout(tiny_code_model, tiny_tokenizer):
