@@ -2,7 +2,7 @@
 
 Real CLIP weights and real datasets cannot be fetched everywhere, yet the whole CoDe pipeline
 (CLIP pretraining, CoDe training, open-vocabulary evaluation) should run end to end on a CPU in
-minutes. This module draws small scenes: 1-4 coloured shapes ("things": circle, star, ...), each
+minutes. This module draws small scenes: 1-4 coloured shapes ("things": circle, star, ...; by default each category in its own colour), each
 category with its own surface pattern in a darker shade of the object's colour, over a textured
 background ("stuff": grass, water, ...), a caption that names exactly the things and the stuff
 present, and the per-pixel class map.
@@ -39,11 +39,20 @@ TOY_PLURALS: dict[str, str] = {
 }
 TOY_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 38, 38),
-    "green": (46, 190, 60),
-    "blue": (40, 70, 230),
+    "brown": (120, 70, 25),
     "yellow": (245, 220, 40),
     "purple": (150, 50, 190),
+    "pink": (245, 120, 200),
     "white": (248, 248, 248),
+    "black": (25, 25, 25),
+    "grey": (135, 135, 135),
+}
+# With ``ToyWorldConfig.colour_per_category`` every thing of a category has its own colour, as many real
+# categories do: a CLIP trained from scratch for a few CPU minutes learns colour at once, but not shape or
+# surface pattern (with random colours its zero-shot accuracy on things stays at chance).
+THING_COLOURS: dict[str, str] = {
+    "circle": "red", "tile": "brown", "triangle": "yellow", "star": "purple",
+    "arrow": "pink", "heart": "white", "hoop": "black", "moon": "grey",
 }
 # Each thing category has its own surface pattern (like a zebra's stripes), painted in a darker shade
 # of the object's colour: a small CLIP learns categories from local appearance within minutes,
@@ -143,6 +152,8 @@ class ToyWorldConfig:
     min_center_distance: float = 0.8
     # ... and any object with less than this fraction of its pixels visible is removed.
     min_visible_fraction: float = 0.6
+    # Every thing of a category in its category's colour (THING_COLOURS), or else in a random colour.
+    colour_per_category: bool = True
     # Probabilities that a caption leaves out an object's colour / adds a size adjective.
     omit_colour_probability: float = 0.1
     size_adjective_probability: float = 0.2
@@ -324,7 +335,7 @@ def _place_objects(rng: np.random.Generator, config: ToyWorldConfig) -> list[dic
     categories = list(rng.permutation(TOY_THINGS))
     while len(plan) < target and categories:
         category = str(categories.pop())
-        colour = str(rng.choice(list(TOY_COLOURS)))
+        colour = THING_COLOURS[category] if config.colour_per_category else str(rng.choice(list(TOY_COLOURS)))
         copies = 1
         if target - len(plan) >= 2 and rng.random() < config.multiple_probability:
             copies = int(rng.integers(2, min(3, target - len(plan)) + 1))

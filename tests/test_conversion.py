@@ -382,7 +382,9 @@ def test_converted_model_saves_loads_with_auto_model_and_segments(tmp_path, orig
     assert outputs[1].masks.shape == (1, 3, 16, 24) and outputs[1].kp_masks.shape == (1, 3, 4, 6)
     assert torch.isfinite(outputs[1].masks).all()
     torch.testing.assert_close(outputs[1].masks, outputs[0].masks, rtol=0, atol=0)
-    torch.testing.assert_close(outputs[1].kp_masks, outputs[0].kp_masks, rtol=0, atol=0)
+    # the converted tensors may be strided views where the loaded ones are contiguous: the text tower's small
+    # matrix products may then round differently
+    torch.testing.assert_close(outputs[1].kp_masks, outputs[0].kp_masks, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -12,6 +12,7 @@ import spacy
 from modeling_code.toy_world import (
     COUNT_WORDS,
     SPLITS,
+    THING_COLOURS,
     TOY_CLASSES,
     TOY_COLOURS,
     TOY_PLURALS,
@@ -147,6 +148,17 @@ def test_captions_count_repeated_things(samples):
             colours = {obj["colour"] for obj in sample["objects"] if obj["category"] == category}
             assert len(colours) <= 1  # copies of a category share one colour
     assert repeated > 0
+
+
+def test_each_category_has_its_colour_unless_colours_are_random(samples):
+    drawn = [obj for sample in samples for obj in sample["objects"]]
+    assert {obj["category"] for obj in drawn} == set(TOY_THINGS)
+    assert all(obj["colour"] == THING_COLOURS[obj["category"]] for obj in drawn)
+    assert len(set(THING_COLOURS.values())) == len(TOY_THINGS)  # the colour names the category
+    random_colours = ToyWorldConfig(colour_per_category=False)
+    drawn = [obj for index in range(60) for obj in generate_sample(sample_rng(11, "train", index), random_colours)["objects"]]
+    colours_of_circles = {obj["colour"] for obj in drawn if obj["category"] == "circle"}
+    assert len(colours_of_circles) > 1 and colours_of_circles <= set(TOY_COLOURS)
 
 
 def test_vocabulary_covers_captions_and_prompts(samples):
