@@ -608,7 +608,11 @@ class CoDeModel(CoDePreTrainedModel):
         mask = causal_attention_mask(length, hidden.dtype, hidden.device)
         for layer in text.encoder.layers:
             hidden = layer(hidden, mask)
-        pooled = text.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index])
+        return self._project_at_eos(hidden, eos_index)
+
+    def _project_at_eos(self, hidden: torch.Tensor, eos_index: torch.Tensor) -> torch.Tensor:
+        """Last text states [N, S, W_t] read at eos_index [N], final LN, projection -> unit-norm [N, C]."""
+        pooled = self.clip.text_model.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index])
         return F.normalize(self.clip.text_projection(pooled), dim=-1)
 
     def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -640,8 +644,7 @@ class CoDeModel(CoDePreTrainedModel):
             if prefix_length:
                 prefix, prefix_cache = causal_block_after_prefix(layer, prefix)
             rows, _ = causal_block_after_prefix(layer, rows, prefix_cache)
-        pooled = text.final_layer_norm(rows[torch.arange(rows.shape[0], device=rows.device), eos_index - prefix_length])
-        return F.normalize(self.clip.text_projection(pooled), dim=-1)
+        return self._project_at_eos(rows, eos_index - prefix_length)
 
     def encode_text_shared_prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``encode_text`` for rows that begin alike (one prompt template filled with many names): [N, L] -> [N, C].

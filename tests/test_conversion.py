@@ -376,15 +376,16 @@ def test_converted_model_saves_loads_with_auto_model_and_segments(tmp_path, orig
     classes = pad_token_ids(tiny_tokenizer, ["cat", "dog", "sky"])
     pixels = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     outputs = [
-        m.segment_window(pixels, m.get_class_embeddings(classes), m.get_template_class_embeddings(classes, 1))
+        # plain text path: bit-reproducible across two copies of the weights (the shared-prefix path rounds
+        # differently by ~1e-7 between copies; its agreement with the plain path is tested in test_modeling)
+        m.segment_window(pixels, m.get_class_embeddings(classes, plain=True),
+                         m.get_template_class_embeddings(classes, 1, plain=True))
         for m in (model, loaded)
     ]
     assert outputs[1].masks.shape == (1, 3, 16, 24) and outputs[1].kp_masks.shape == (1, 3, 4, 6)
     assert torch.isfinite(outputs[1].masks).all()
     torch.testing.assert_close(outputs[1].masks, outputs[0].masks, rtol=0, atol=0)
-    # the converted tensors may be strided views where the loaded ones are contiguous: the text tower's small
-    # matrix products may then round differently
-    torch.testing.assert_close(outputs[1].kp_masks, outputs[0].kp_masks, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outputs[1].kp_masks, outputs[0].kp_masks, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
