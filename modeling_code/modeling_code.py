@@ -105,37 +105,70 @@ def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tens
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
-def causal_block_after_prefix(
-    layer: CLIPEncoderLayer, hidden_states: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """A causal CLIP text block over positions that follow a shared, already computed prefix.
+@dataclass
+class PackedSequences:
+    """Index plan for running variable-length causal sequences stored back to back as one [T, W] token matrix.
 
-    Args:
-        hidden_states: [N, S, W], the S positions after the prefix (or the prefix itself when ``prefix`` is None).
-        prefix: the block's attention keys and values of the P prefix positions, each [1, heads, P, W / heads],
-            shared by all N rows; None for no prefix.
-    Returns:
-        ([N, S, W] block output, (keys, values) of these S positions, each [N, heads, S, W / heads]).
+    Sequence r holds ``lengths[r]`` consecutive tokens; with a parent it continues that sequence, i.e. its
+    tokens attend to all of the parent's tokens, then causally to its own. Rows that share a prefix thus store
+    and compute it once, and the per-token layers run on one matrix with no padding.
+
+    Fields (R sequences, S = longest sequence, P = longest parent):
+        query_index: [R, S] packed position of each sequence's tokens (padding repeats its last token).
+        key_index: [R, P + S] packed positions of the keys each sequence sees: its parent's, then its own.
+        attention_mask: [R, 1, S, P + S] which keys each query may see.
+        is_token: [R, S] which query slots are real tokens; ``x[is_token]`` is back in packed order.
     """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    attention_mask: torch.Tensor
+    is_token: torch.Tensor
+
+    @classmethod
+    def build(cls, lengths: list[int], parents: list[int], device: torch.device) -> PackedSequences:
+        """lengths: tokens per sequence (each >= 1); parents: index of an earlier sequence, or -1 for none."""
+        lengths_ = torch.tensor(lengths, device=device)
+        parents_ = torch.tensor(parents, device=device)
+        offsets = lengths_.cumsum(0) - lengths_
+        has_parent = parents_ >= 0
+        parent = parents_.clamp(min=0)
+        parent_lengths = torch.where(has_parent, lengths_[parent], 0)
+
+        def slots(starts: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            steps = torch.arange(width, device=device)
+            index = starts[:, None] + torch.minimum(steps[None], (counts[:, None] - 1).clamp(min=0))
+            return index, steps[None] < counts[:, None]
+
+        query_index, is_token = slots(offsets, lengths_, max(lengths))
+        parent_index, is_parent_token = slots(offsets[parent], parent_lengths, int(parent_lengths.max()))
+        span = query_index.shape[1]
+        causal = torch.ones(span, span, dtype=torch.bool, device=device).tril_()
+        attention_mask = torch.cat(
+            [is_parent_token[:, None].expand(-1, span, -1), causal[None] & is_token[:, None]], dim=2
+        )
+        return cls(query_index, torch.cat([parent_index, query_index], 1), attention_mask[:, None], is_token)
+
+
+def causal_block_packed(layer: CLIPEncoderLayer, hidden_states: torch.Tensor, packing: PackedSequences) -> torch.Tensor:
+    """A causal CLIP text block over packed sequences: hidden_states [T, W] -> [T, W] (plan: ``packing``)."""
     attention = layer.self_attn
-    batch, length, _ = hidden_states.shape
     normed = layer.layer_norm1(hidden_states)
+    rows = packing.query_index.shape[0]
 
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, length, attention.num_heads, attention.head_dim).transpose(1, 2)
+    def heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x[index].view(rows, index.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
 
-    queries, keys, values = heads(attention.q_proj(normed)), heads(attention.k_proj(normed)), heads(attention.v_proj(normed))
-    visible = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).tril_()
-    all_keys, all_values = keys, values
-    if prefix is not None:
-        prefix_length = prefix[0].shape[2]
-        all_keys = torch.cat([prefix[0].expand(batch, -1, -1, -1), keys], dim=2)
-        all_values = torch.cat([prefix[1].expand(batch, -1, -1, -1), values], dim=2)
-        visible = torch.cat([visible.new_ones(length, prefix_length), visible], dim=1)
-    context = F.scaled_dot_product_attention(queries, all_keys, all_values, attn_mask=visible, scale=attention.scale)
-    hidden_states = hidden_states + attention.out_proj(context.transpose(1, 2).reshape(batch, length, -1))
-    hidden_states = hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
-    return hidden_states, (keys, values)
+    context = F.scaled_dot_product_attention(
+        heads(attention.q_proj(normed), packing.query_index),
+        heads(attention.k_proj(normed), packing.key_index),
+        heads(attention.v_proj(normed), packing.key_index),
+        attn_mask=packing.attention_mask,
+        scale=attention.scale,
+    )
+    context = context.transpose(1, 2).reshape(rows, packing.query_index.shape[1], -1)[packing.is_token]
+    hidden_states = hidden_states + attention.out_proj(context)
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
 def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
@@ -624,38 +657,49 @@ class CoDeModel(CoDePreTrainedModel):
         word_embeddings = self.clip.text_model.embeddings.token_embedding(input_ids)
         return self.encode_text_embeddings(word_embeddings, self.eos_positions(input_ids), cut_at_eos)
 
-    def encode_text_embeddings_shared_prefix(
-        self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor, prefix_length: int
-    ) -> torch.Tensor:
-        """``encode_text_embeddings`` for rows whose first ``prefix_length`` word embeddings are the same.
+    def encode_text_groups(self, groups: list[tuple[torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """``encode_text_embeddings`` for several groups of rows in one packed pass of the causal tower.
 
-        inputs_embeds [N, L, W_t], eos_index [N] (each > ``prefix_length`` - 1) -> unit-norm [N, C]. In the causal
-        tower the positions of a prefix common to every row have the same states in every row, so the prefix runs
-        once and the rows run only from its end to their longest EOS, attending to its cached keys and values.
-        Same result as ``encode_text_embeddings`` up to float rounding.
+        Each group is (inputs_embeds [N, L, W_t], eos_index [N], prefix_length): its rows share their first
+        ``prefix_length`` word embeddings (each eos_index >= prefix_length). In the causal tower a shared prefix
+        has the same states in every row, so it runs once; each row then runs only from the prefix's end to its
+        own EOS. All groups' tokens go through the per-token layers as one matrix, without padding.
+        Returns one unit-norm [N, C] per group, equal to ``encode_text_embeddings`` up to float rounding.
         """
         text = self.clip.text_model
-        end = int(eos_index.max()) + 1
         positions = text.embeddings.position_embedding.weight
-        prefix = inputs_embeds[:1, :prefix_length] + positions[:prefix_length]
-        rows = inputs_embeds[:, prefix_length:end] + positions[prefix_length:end]
-        for layer in text.encoder.layers:
-            prefix_cache = None
+        pieces, lengths, parents, eos_rows = [], [], [], []
+        for inputs_embeds, eos_index, prefix_length in groups:
+            parent = -1
             if prefix_length:
-                prefix, prefix_cache = causal_block_after_prefix(layer, prefix)
-            rows, _ = causal_block_after_prefix(layer, rows, prefix_cache)
-        return self._project_at_eos(rows, eos_index - prefix_length)
+                parent = len(lengths)
+                pieces.append(inputs_embeds[0, :prefix_length] + positions[:prefix_length])
+                lengths.append(prefix_length)
+                parents.append(-1)
+            row_lengths = eos_index - prefix_length + 1
+            end = int(eos_index.max()) + 1
+            is_token = torch.arange(end - prefix_length, device=eos_index.device)[None] < row_lengths[:, None]
+            pieces.append((inputs_embeds[:, prefix_length:end] + positions[prefix_length:end])[is_token])
+            eos_rows.append(sum(lengths) + row_lengths.cumsum(0) - 1)
+            lengths.extend(row_lengths.tolist())
+            parents.extend([parent] * len(eos_index))
+        packing = PackedSequences.build(lengths, parents, positions.device)
+        hidden = torch.cat(pieces)
+        for layer in text.encoder.layers:
+            hidden = causal_block_packed(layer, hidden, packing)
+        pooled = text.final_layer_norm(hidden[torch.cat(eos_rows)])
+        embeddings = F.normalize(self.clip.text_projection(pooled), dim=-1)
+        return list(embeddings.split([len(eos_index) for _, eos_index, _ in groups]))
 
-    def encode_text_shared_prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``encode_text`` for rows that begin alike (one prompt template filled with many names): [N, L] -> [N, C].
+    def _template_group(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rows of one prompt template [N, L] as an ``encode_text_groups`` group.
 
         The prefix is the longest run of leading tokens common to all rows, short of the first EOS.
         """
         eos_index = self.eos_positions(input_ids)
         shared = (input_ids == input_ids[:1]).all(0).int().cumprod(0)
         prefix_length = min(int(shared.sum()), int(eos_index.min()))  # every row keeps at least its EOS
-        word_embeddings = self.clip.text_model.embeddings.token_embedding(input_ids)
-        return self.encode_text_embeddings_shared_prefix(word_embeddings, eos_index, prefix_length)
+        return self.clip.text_model.embeddings.token_embedding(input_ids), eos_index, prefix_length
 
     def encode_caption_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden state of every token after CLIP's last text block, before the final LN: [B, L] -> [B, L, W_t]."""
@@ -682,7 +726,7 @@ class CoDeModel(CoDePreTrainedModel):
             return self.encode_nouns(class_input_ids)
         embeddings, eos_index = self.prompt_learner(class_input_ids, self.clip.text_model.embeddings.token_embedding)
         prefix_length = min(1 + self.config.prompt_context_length, int(eos_index.min()))
-        return self.encode_text_embeddings_shared_prefix(embeddings, eos_index, prefix_length)
+        return self.encode_text_groups([(embeddings, eos_index, prefix_length)])[0]
 
     @torch.no_grad()
     def get_template_class_embeddings(
@@ -691,16 +735,15 @@ class CoDeModel(CoDePreTrainedModel):
         """Template-ensembled frozen CLIP class embeddings for the KP branch.
 
         template_input_ids [N_cls * T, L] (class-major) -> mean of unit embeddings, re-normalised: [N_cls, C].
-        Each template's prompts share the words before the class name, which run once per template
-        (``encode_text_shared_prefix``); ``plain`` runs every prompt in full instead.
+        Each template's prompts share the words before the class name, which run once per template, and all
+        templates run in one packed pass (``encode_text_groups``); ``plain`` runs every prompt in full instead.
         """
         if plain:
             embeddings = self.encode_text(template_input_ids).view(-1, num_templates, self.config.clip_config.projection_dim)
         else:
             by_template = template_input_ids.view(-1, num_templates, template_input_ids.shape[-1])
-            embeddings = torch.stack(
-                [self.encode_text_shared_prefix(by_template[:, index]) for index in range(num_templates)], dim=1
-            )
+            groups = [self._template_group(by_template[:, index]) for index in range(num_templates)]
+            embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
         return F.normalize(embeddings.mean(1), dim=-1)
 
     # ---------------------------------------------------------------- inference building block

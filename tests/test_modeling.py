@@ -175,9 +175,23 @@ def test_vocabulary_embeddings_with_shared_prefixes_equal_the_plain_ones(tiny_co
     torch.testing.assert_close(model.get_class_embeddings(class_ids),
                                model.get_class_embeddings(class_ids, plain=True), rtol=1e-5, atol=1e-6)
     by_template = ids.view(len(names), len(templates), -1)
-    for index in range(len(templates)):  # per prompt, not only the ensemble
-        torch.testing.assert_close(model.encode_text_shared_prefix(by_template[:, index]),
-                                   model.encode_text(by_template[:, index]), rtol=1e-5, atol=1e-6)
+    per_prompt = model.encode_text_groups([model._template_group(by_template[:, index]) for index in range(len(templates))])
+    for index, embeddings in enumerate(per_prompt):  # per prompt, not only the ensemble
+        torch.testing.assert_close(embeddings, model.encode_text(by_template[:, index]), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_text_groups_equal_separate_passes(tiny_code_model, tiny_tokenizer):
+    """Groups with and without a shared prefix, rows of unequal length, one packed pass."""
+    model = tiny_code_model
+    token_embedding = model.clip.text_model.embeddings.token_embedding
+    first = pad_token_ids(tiny_tokenizer, ["a photo of a cat.", "a photo of a big red dog on the grass.", "a photo of"])
+    second = pad_token_ids(tiny_tokenizer, ["sky", "the grass in the sky"])
+    groups = [(token_embedding(first), model.eos_positions(first), 4), (token_embedding(second), model.eos_positions(second), 0)]
+    with torch.no_grad():
+        packed = model.encode_text_groups(groups)
+    assert [tuple(x.shape) for x in packed] == [(3, model.config.clip_config.projection_dim), (2, model.config.clip_config.projection_dim)]
+    torch.testing.assert_close(packed[0], model.encode_text(first), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[1], model.encode_text(second), rtol=1e-5, atol=1e-6)
 
 
 def test_prompted_nouns_layout(tiny_code_model, tiny_tokenizer):
