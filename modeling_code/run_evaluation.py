@@ -165,4 +165,5 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
         outputs = write_outputs(results, args.output_dir, run_settings, model_name=Path(str(args.model)).name)
         print((Path(args.output_dir) / "results.md").read_text())
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the process group down before exit (gloo threads otherwise abort it)
     return outputs

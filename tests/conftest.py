@@ -6,6 +6,9 @@ No test downloads anything: every model here is made by the fixtures themselves.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Spinning OpenMP threads stall every small op when the other core is busy (CI machines share cores).
@@ -100,3 +103,23 @@ def save_tiny_model(directory, clip_dir, tokenizer):
 def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
     """A saved tiny CoDe model + processor directory (read-only for tests: copy it before changing it)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_code_model"), tiny_clip_dir, tiny_tokenizer)
+
+
+def launch_two_processes(script_and_arguments: list[str], attempts: int = 3) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two CPU processes (gloo) on a free port; another attempt if that port was taken.
+
+    The port is free when probed but released before the launcher binds it, so a parallel job can take it.
+    """
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        # --multi_gpu selects the distributed launcher; with no GPU the processes run on CPU with gloo.
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), *script_and_arguments]
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+        if completed.returncode == 0 or "address already in use" not in completed.stderr.lower():
+            return completed
+    return completed

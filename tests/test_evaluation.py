@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import socket
-import subprocess
-import sys
 import textwrap
 
 import datasets
 import numpy as np
 import pytest
 import yaml
+from conftest import launch_two_processes
 from PIL import Image
 
 from modeling_code.benchmarks import get_benchmark, map_labels
@@ -266,17 +263,13 @@ def main(data_dir, out_dir, use_accelerator):
     if accelerator is None or accelerator.is_main_process:
         processes = 1 if accelerator is None else accelerator.num_processes
         write_outputs(results, out_dir, settings={{"num_processes": processes}}, model_name="fake")
+    if accelerator is not None:
+        accelerator.end_training()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], use_accelerator=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -288,15 +281,7 @@ def test_two_processes_equal_one(tmp_path):
 
     runpy.run_path(str(script))["main"](str(data_dir), str(tmp_path / "single"), use_accelerator=False)
 
-    # `--multi_gpu` selects the distributed launcher; with `Accelerator(cpu=True)` it runs on CPU (gloo).
-    command = [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(script), str(data_dir), str(tmp_path / "multi"),
-    ]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    completed = launch_two_processes([str(script), str(data_dir), str(tmp_path / "multi")])
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     single = json.loads((tmp_path / "single" / "results.json").read_text())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_CODE_OVERRIDES
+from conftest import TINY_CODE_OVERRIDES, launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -204,12 +204,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip
     single = subprocess.run([sys.executable, str(script), str(tiny_clip_dir), str(tmp_path / "one.json"), captions,
                              overrides], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    # accelerate's --cpu launcher starts a single process; --multi_gpu starts two, which find no GPU: gloo on CPU
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(29500 + os.getpid() % 1000)]
-    double = subprocess.run([*launch, str(script), str(tiny_clip_dir), str(tmp_path / "two.json"), captions,
-                             overrides], env=env, capture_output=True, text=True, timeout=300)
+    double = launch_two_processes([str(script), str(tiny_clip_dir), str(tmp_path / "two.json"), captions, overrides])
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert (one["processes"], two["processes"]) == (1, 2)
