@@ -10,10 +10,8 @@ training-step peak RSS is measured in a fresh subprocess. Reuses benchmarks/infe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,18 +87,19 @@ def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
     return vocabulary_seconds, demo_seconds
 
 
-def training_step(threads: int, runs: int) -> tuple[float, float, dict]:
+def training_step(threads: int, runs: int) -> dict[str, tuple[float, float]]:
+    """(median step seconds, peak RSS MB) without and with region activation checkpointing, plus parameters."""
     import torch
 
     torch.set_num_threads(threads)
-    times, model = train_step.run_steps("vit-b16", batch_size=2, steps=runs)
-    report = train_step.parameter_report(model)
-    child = subprocess.run(
-        [sys.executable, train_step.__file__, "--rss-only", "vit-b16", "--threads", str(threads), "--batch-size", "2"],
-        capture_output=True, text=True, check=True,
-    )
-    rss = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_MB"]
-    return statistics.median(times), rss, report
+    results = {}
+    for checkpointing in (False, True):
+        times, model = train_step.run_steps("vit-b16", batch_size=2, steps=runs, region_checkpointing=checkpointing)
+        results["params"] = train_step.parameter_report(model)
+        del model
+        rss = train_step.peak_rss_mb("vit-b16", threads, 2, region_checkpointing=checkpointing)
+        results["checkpointing" if checkpointing else "default"] = (statistics.median(times), rss)
+    return results
 
 
 def main() -> None:
@@ -117,7 +116,8 @@ def main() -> None:
     window = inference._in_fresh_process(inference.time_scenario, inference.SCENARIOS[0], args.threads, args.runs)
     voc = inference._in_fresh_process(inference.time_scenario, inference.SCENARIOS[1], args.threads, args.runs)
     vocabulary_seconds, demo_seconds = inference._in_fresh_process(vocabulary_and_demo, args.threads, args.runs)
-    train_seconds, train_rss, params = inference._in_fresh_process(training_step, args.threads, args.runs)
+    training = inference._in_fresh_process(training_step, args.threads, args.runs)
+    (train_seconds, train_rss), (lean_seconds, lean_rss) = training["default"], training["checkpointing"]
 
     bare = window["wall"]["bare"]
     rows = [
@@ -133,7 +133,9 @@ def main() -> None:
         ("training step, batch 2, K = 2 nouns, 224 px", "train",
          f"{train_seconds:.2f} s ({2 / train_seconds:.2f} samples/s)", "-"),
         ("training peak memory (process RSS)", "rss", f"{train_rss / 1024:.2f} GB", "-"),
-        ("frozen parameters held", "frozen", f"{params['frozen_params_M']:.0f} M (CLIP once)", "-"),
+        ("  the same with region activation checkpointing", "rss",
+         f"{lean_rss / 1024:.2f} GB, step {lean_seconds:.2f} s", "-"),
+        ("frozen parameters held", "frozen", f"{training['params']['frozen_params_M']:.0f} M (CLIP once)", "-"),
     ]
     header = f"| {'work':60s} | {'original':9s} | {'orig. ratio':11s} | {'code-seg':26s} | {'ratio':20s} | target |"
     print(header)

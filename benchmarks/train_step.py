@@ -1,6 +1,6 @@
 """Training-step speed and memory on this CPU: the tiny test config and a random ViT-B/16-sized CoDe.
 
-    python benchmarks/train_step.py [--threads 2] [--steps 5] [--batch-size 2]
+    python benchmarks/train_step.py [--threads 2] [--steps 5] [--batch-size 2] [--region-checkpointing]
 
 Prints samples/s (median step time over ``--steps`` after a warm-up step), the peak process RSS of a fresh
 subprocess doing the same steps, and the parameter count and memory of the frozen part (one CLIP) vs the
@@ -80,24 +80,35 @@ def parameter_report(model: CoDeModel) -> dict[str, float]:
     }
 
 
-def run_steps(size: str, batch_size: int, steps: int) -> tuple[list[float], CoDeModel]:
+def run_steps(size: str, batch_size: int, steps: int, region_checkpointing: bool = False) -> tuple[list[float], CoDeModel]:
+    """Time ``steps`` calls of the trainer's own ``training_step`` (forward, backward, clipping, AdamW, zeroing)."""
+    from accelerate import Accelerator
+
+    from modeling_code.trainer import training_step
+
     torch.manual_seed(0)
-    config = CoDeConfig(**SIZES[size])
+    config = CoDeConfig(**SIZES[size], region_activation_checkpointing=region_checkpointing)
+    accelerator = Accelerator(cpu=True)
     model = CoDeModel(config).train()
     model.set_masker_backbone_trainable(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     batch = make_batch(config, batch_size)
     times = []
     for _ in range(steps + 1):  # the first step warms up allocators and kernels
         start = time.perf_counter()
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
-        optimizer.step()
+        training_step(accelerator, model, batch, optimizer, scheduler, max_grad_norm=5.0)
         times.append(time.perf_counter() - start)
-        del loss
-    return times[1:], model
+    return times[1:], accelerator.unwrap_model(model)
+
+
+def peak_rss_mb(size: str, threads: int, batch_size: int, region_checkpointing: bool = False) -> float:
+    """Peak RSS of a fresh process that builds the model and runs two training steps."""
+    command = [sys.executable, __file__, "--rss-only", size, "--threads", str(threads), "--batch-size", str(batch_size)]
+    child = subprocess.run(command + ["--region-checkpointing"] * region_checkpointing,
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_MB"]
 
 
 def main() -> None:
@@ -106,27 +117,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "vit-b16"], choices=sorted(SIZES))
+    parser.add_argument("--region-checkpointing", action="store_true",
+                        help="CoDeConfig.region_activation_checkpointing: less memory, one more vision forward")
     parser.add_argument("--rss-only", help=argparse.SUPPRESS)  # internal: measure one size in a fresh process
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     if args.rss_only:
-        run_steps(args.rss_only, args.batch_size, 2)
+        run_steps(args.rss_only, args.batch_size, 2, args.region_checkpointing)
         print(json.dumps({"peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
 
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, K=2, median of {args.steps}")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, K=2, median of {args.steps}"
+          f"{', region activation checkpointing' if args.region_checkpointing else ''}")
     for size in args.sizes:
-        times, model = run_steps(size, args.batch_size, args.steps)
+        times, model = run_steps(size, args.batch_size, args.steps, args.region_checkpointing)
         median = statistics.median(times)
         report = parameter_report(model)
         del model
-        child = subprocess.run(
-            [sys.executable, __file__, "--rss-only", size, "--threads", str(args.threads),
-             "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, check=True,
-        )
-        rss = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_MB"]
+        rss = peak_rss_mb(size, args.threads, args.batch_size, args.region_checkpointing)
         print(
             f"{size:8s} step {median:6.3f} s  ({args.batch_size / median:6.2f} samples/s)  peak RSS {rss:7.0f} MB  "
             f"frozen {report['frozen_params_M']:6.1f} M params ({report['frozen_MB']:6.0f} MB)  "

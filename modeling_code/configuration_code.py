@@ -38,6 +38,9 @@ class CoDeConfig(PreTrainedConfig):
             Nouns sampled per caption (K).
         image_background_size (`int`, defaults to 224):
             Side of the learnable background image used for region highlighting.
+        region_activation_checkpointing (`bool`, defaults to False):
+            In training, recompute the region-highlighting pass's vision activations block by block during
+            backward instead of keeping them: a lower peak memory for one more forward pass of that tower.
         logit_scale_init_value (`float`, defaults to ln(1/0.07)):
             Initial value of the three learnable contrastive logit scales, stored as logarithms.
         logit_scale_max (`float`, defaults to 100.0):
@@ -87,6 +90,7 @@ class CoDeConfig(PreTrainedConfig):
     num_words: int = 2
     # region highlighting and contrastive scales
     image_background_size: int = 224
+    region_activation_checkpointing: bool = False
     logit_scale_init_value: float = 2.659260036932778  # ln(1 / 0.07)
     logit_scale_max: float = 100.0
     # loss weights and priors (authors' final configuration)

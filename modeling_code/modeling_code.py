@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, CLIPTextConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.activations import QuickGELUActivation
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
 from transformers.utils import ModelOutput
 
 from .configuration_code import CoDeConfig
@@ -103,6 +105,27 @@ def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tens
     attention = layer.self_attn
     hidden_states = hidden_states + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden_states)))
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+def class_token_block(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A CLIP vision block evaluated at the class token only: [B, T, W] -> [B, 1, W].
+
+    Keys and values come from every token; the query, output projection and MLP run for the class token
+    alone, which is all a global embedding reads from the last block.
+    """
+    attention = layer.self_attn
+    batch = hidden_states.shape[0]
+    normed = layer.layer_norm1(hidden_states)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(
+        heads(attention.q_proj(normed[:, :1])), heads(attention.k_proj(normed)), heads(attention.v_proj(normed)),
+        scale=attention.scale,
+    )
+    class_token = hidden_states[:, :1] + attention.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
+    return class_token + layer.mlp(layer.layer_norm2(class_token))
 
 
 @dataclass
@@ -192,6 +215,33 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return vertical + horizontal
 
 
+class _QuickGELUFunction(torch.autograd.Function):
+    """``x * sigmoid(1.702 x)`` that keeps only x for backward and recomputes the sigmoid there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        gate = torch.sigmoid(1.702 * x)
+        # the products autograd forms for x * sigmoid(1.702 x): d/dx through x, then through the sigmoid
+        return grad_output * gate + 1.702 * torch.ops.aten.sigmoid_backward(grad_output * x, gate)
+
+
+class MemoryLeanQuickGELU(nn.Module):
+    """CLIP's QuickGELU with the same values, saving one tensor for backward instead of two.
+
+    Gradients flow through the frozen towers (region highlighting, highlighted captions): autograd's
+    ``x * sigmoid(1.702 x)`` keeps both x and the sigmoid, the largest activations of those passes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuickGELUFunction.apply(x) if torch.is_grad_enabled() and x.requires_grad else x * torch.sigmoid(1.702 * x)
+
+
 def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive [1, 1, length, length] mask hiding future positions."""
     mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
@@ -219,6 +269,44 @@ def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
         total = offset[0] + offset[1]
         total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
     return total
+
+
+def _spread_phase_grads(phase0: torch.Tensor, phase1: torch.Tensor, axis: int, taps: torch.Tensor, dim: int) -> None:
+    """Adjoint of ``_sum_phase_taps``: gradients of both output phases -> gradients of the 3 taps (written to
+    ``taps.select(dim, k)``). Tap 0 feeds phase 0 one row down and phase 1 in place; tap 1 both in place; tap 2
+    phase 0 in place and phase 1 one row up."""
+    size = phase0.shape[axis]
+    first, middle, last = (taps.select(dim, k) for k in range(3))
+    first.copy_(phase1).narrow(axis, 0, size - 1).add_(phase0.narrow(axis, 1, size - 1))
+    torch.add(phase0, phase1, out=middle)
+    last.copy_(phase0).narrow(axis, 1, size - 1).add_(phase1.narrow(axis, 0, size - 1))
+
+
+class _UpsampledConvPhaseSum(torch.autograd.Function):
+    """Tap products [B, H, W, 3, 3, C] -> the 3×3 convolution of the nearest-×2 upsampled map, as its four
+    phases [B, H, 2, W, 2, C] (no bias). A hand-written backward: autograd's would allocate and fill a
+    zero tensor of the full tap size for every slice the forward reads."""
+
+    @staticmethod
+    def forward(ctx, taps: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _, _, channels = taps.shape
+        out = taps.new_empty(batch, height, 2, width, 2, channels)
+        for column_phase in range(2):
+            column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
+            for row_phase in range(2):
+                out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        batch, height, _, width, _, channels = grad_out.shape
+        column_sums = grad_out.new_empty(batch, height, width, 3, 2, channels)  # [.., row tap, column phase, C]
+        for column_phase in range(2):
+            _spread_phase_grads(grad_out[:, :, 0, :, column_phase], grad_out[:, :, 1, :, column_phase], 1,
+                                column_sums[..., column_phase, :], 3)
+        taps = grad_out.new_empty(batch, height, width, 3, 3, channels)
+        _spread_phase_grads(column_sums[..., 0, :], column_sums[..., 1, :], 2, taps, 4)
+        return taps
 
 
 class CoDeLayerNorm2d(nn.LayerNorm):
@@ -272,11 +360,7 @@ class CoDeUpsampleBlock(nn.Module):
         activated = F.gelu(F.layer_norm(x, (channels,), self.norm.weight, self.norm.bias, self.norm.eps))
         # per low-resolution pixel, the products of all 9 kernel taps: [B, H, W, row tap, column tap, C]
         taps = (activated @ self._tap_weights()).view(batch, height, width, 3, 3, channels)
-        out = x.new_empty(batch, height, 2, width, 2, channels)
-        for column_phase in range(2):
-            column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
-            for row_phase in range(2):
-                out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+        out = _UpsampledConvPhaseSum.apply(taps)
         out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, :, None, :, None])
         return out.view(batch, 2 * height, 2 * width, channels)
 
@@ -535,6 +619,9 @@ class CoDeModel(CoDePreTrainedModel):
         self.tcl_feature_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.tcl_image_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.hcl_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        for module in self.modules():  # every CLIP-style MLP, frozen or not: same values, less saved for backward
+            if isinstance(module, CLIPMLP) and isinstance(module.activation_fn, QuickGELUActivation):
+                module.activation_fn = MemoryLeanQuickGELU()
         self.post_init()
         self.clip.requires_grad_(False)
         self.copy_clip_into_masker()
@@ -598,17 +685,20 @@ class CoDeModel(CoDePreTrainedModel):
         return self
 
     # ---------------------------------------------------------------- frozen CLIP uses (spec §1.1)
-    def encode_image_dense(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def encode_image_dense(
+        self, pixel_values: torch.Tensor, checkpoint_layers: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Frozen vision tower up to (not including) the last block, at any input size.
 
         pixel_values [B, 3, H, W] with H, W multiples of the patch size -> (hidden [B, 1 + h*w, W_v], (h, w)).
+        ``checkpoint_layers``: keep only each block's input for backward and recompute the block there.
         """
         vision = self.clip.vision_model
         patch = self.config.patch_size
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         hidden = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=True))
         for layer in vision.encoder.layers[:-1]:
-            hidden = layer(hidden, None)
+            hidden = checkpoint(layer, hidden, None, use_reentrant=False) if checkpoint_layers else layer(hidden, None)
         return hidden, grid
 
     def dense_clip_features(self, hidden_before_last: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -621,9 +711,26 @@ class CoDeModel(CoDePreTrainedModel):
         features = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)), dim=-1)
         return features.transpose(1, 2).reshape(features.shape[0], -1, *grid_size)
 
-    def encode_image_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Ordinary CLIP image embedding (full attention), unit norm: [B, 3, H, W] -> [B, C]."""
-        pooled = self.clip.vision_model(pixel_values, interpolate_pos_encoding=True).pooler_output
+    def encode_image_global(
+        self, pixel_values: torch.Tensor, plain: bool = False, checkpoint_layers: bool = False
+    ) -> torch.Tensor:
+        """Ordinary CLIP image embedding (full attention), unit norm: [B, 3, H, W] -> [B, C].
+
+        The last block runs for the class token only (``class_token_block``); ``plain`` runs CLIP's own
+        vision model instead. Same result up to float rounding. ``checkpoint_layers``: see ``encode_image_dense``.
+        """
+        vision = self.clip.vision_model
+        if plain:
+            pooled = vision(pixel_values, interpolate_pos_encoding=True).pooler_output
+        else:
+            hidden, _ = self.encode_image_dense(pixel_values, checkpoint_layers)
+            last = vision.encoder.layers[-1]
+            class_token = (
+                checkpoint(class_token_block, last, hidden, use_reentrant=False)
+                if checkpoint_layers
+                else class_token_block(last, hidden)
+            )
+            pooled = vision.post_layernorm(class_token[:, 0])
         return F.normalize(self.clip.visual_projection(pooled), dim=-1)
 
     def encode_text_embeddings(
@@ -895,7 +1002,9 @@ class CoDeModel(CoDePreTrainedModel):
         masks = F.interpolate(hard_masks[:, None], size=size, mode="nearest")
         background = F.interpolate(self.image_background[None], size=size, mode="bilinear", align_corners=False)
         images = pixel_values.repeat(num_words, 1, 1, 1)
-        return self.encode_image_global(masks * images + (1 - masks) * background)
+        return self.encode_image_global(
+            masks * images + (1 - masks) * background, checkpoint_layers=self.config.region_activation_checkpointing
+        )
 
     def _highlight_words(
         self, caption_input_ids: torch.Tensor, noun_embeddings: torch.Tensor, num_words: int

@@ -105,13 +105,14 @@ def test_tap_product_convolution_equals_plain_block(tiny_clip_config, size):
     torch.testing.assert_close(fast, block.plain_forward(x), rtol=1e-5, atol=1e-5)
 
 
-def test_tap_product_convolution_has_the_plain_gradients(tiny_clip_config):
+@pytest.mark.parametrize("size", [(3, 5), (1, 1), (1, 4), (6, 2)])
+def test_tap_product_convolution_has_the_plain_gradients(tiny_clip_config, size):
     torch.manual_seed(2)
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     with torch.no_grad():
         block.gate.fill_(0.5)
-    x = torch.randn(2, 48, 3, 5, requires_grad=True)
-    upstream = torch.randn(2, 48, 6, 10)
+    x = torch.randn(2, 48, *size, requires_grad=True)
+    upstream = torch.randn(2, 48, 2 * size[0], 2 * size[1])
     gradients = []
     for fast in (True, False):
         out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if fast else block.plain_forward(x)
@@ -380,3 +381,65 @@ def test_remote_code_loads_without_the_package(tiny_code_model, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     expected = sum(p.numel() for p in tiny_code_model.parameters())
     assert result.stdout.split()[-2:] == ["CoDeModel", str(expected)]
+
+
+def _activation_values_gradient_and_saved_count(activation, x: torch.Tensor, upstream: torch.Tensor):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        y = activation(x)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    return y, grad, len(set(saved))  # distinct tensors kept for backward
+
+
+def test_memory_lean_quick_gelu_matches_clip_and_saves_one_tensor(tiny_code_model):
+    from transformers.activations import QuickGELUActivation
+
+    from modeling_code.modeling_code import MemoryLeanQuickGELU
+
+    assert isinstance(tiny_code_model.clip.vision_model.encoder.layers[0].mlp.activation_fn, MemoryLeanQuickGELU)
+    x = (torch.randn(3, 7, 11) * 4).requires_grad_()
+    upstream = torch.randn(3, 7, 11)
+    y, grad, saved = _activation_values_gradient_and_saved_count(MemoryLeanQuickGELU(), x, upstream)
+    reference, reference_grad, reference_saved = _activation_values_gradient_and_saved_count(
+        QuickGELUActivation(), x, upstream
+    )
+    torch.testing.assert_close(y, reference, rtol=0, atol=0)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-6, atol=1e-6)
+    assert (saved, reference_saved) == (1, 2)
+
+
+def test_global_image_embedding_with_class_token_last_block_equals_clip(tiny_code_model):
+    model = tiny_code_model
+    image_size = model.config.clip_config.vision_config.image_size
+    pixels = torch.randn(3, 3, image_size, image_size + 8, requires_grad=True)  # an interpolated grid as well
+    upstream = torch.randn(3, model.config.clip_config.projection_dim)
+    results = []
+    for plain in (False, True):
+        embeddings = model.encode_image_global(pixels, plain=plain)
+        results.append((embeddings, *torch.autograd.grad((embeddings * upstream).sum(), pixels)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+    reference = model.clip.get_image_features(pixel_values=pixels.detach()[:, :, :, :image_size])
+    reference = reference.pooler_output if hasattr(reference, "pooler_output") else reference
+    torch.testing.assert_close(model.encode_image_global(pixels.detach()[:, :, :, :image_size]),
+                               F.normalize(reference, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_region_activation_checkpointing_keeps_losses_and_gradients(tiny_code_model, tiny_tokenizer):
+    model = tiny_code_model.train()
+    model.config.gumbel_noise = False  # the same hard masks in both runs
+    with torch.no_grad():
+        for block in model.masker.decoder.blocks:
+            block.gate.fill_(0.1)
+    batch = make_batch(tiny_tokenizer)
+    runs = []
+    for checkpointing in (False, True):
+        model.config.region_activation_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        output = model(**batch)
+        output.loss.backward()
+        runs.append((output.loss_hcl.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
+    assert runs[1][1].keys() == runs[0][1].keys()
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
