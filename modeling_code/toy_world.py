@@ -45,14 +45,16 @@ TOY_COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 120, 200),
     "white": (248, 248, 248),
     "black": (25, 25, 25),
-    "grey": (135, 135, 135),
+    "golden": (225, 155, 20),
 }
 # With ``ToyWorldConfig.colour_per_category`` every thing of a category has its own colour, as many real
 # categories do: a CLIP trained from scratch for a few CPU minutes learns colour at once, but not shape or
-# surface pattern (with random colours its zero-shot accuracy on things stays at chance).
+# surface pattern (with random colours its zero-shot accuracy on things stays at chance). No thing is grey:
+# region highlighting starts its learnable background at 0 in normalised pixels, i.e. the ImageNet mean grey,
+# so a grey thing would look present in every highlighted region (a grey moon scored 0 IoU in every model).
 THING_COLOURS: dict[str, str] = {
     "circle": "red", "tile": "brown", "triangle": "yellow", "star": "purple",
-    "arrow": "pink", "heart": "white", "hoop": "black", "moon": "grey",
+    "arrow": "pink", "heart": "white", "hoop": "black", "moon": "golden",
 }
 # Each thing category has its own surface pattern (like a zebra's stripes), painted in a darker shade
 # of the object's colour: a small CLIP learns categories from local appearance within minutes,
