@@ -239,7 +239,7 @@ class MemoryLeanQuickGELU(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuickGELUFunction.apply(x) if torch.is_grad_enabled() and x.requires_grad else x * torch.sigmoid(1.702 * x)
+        return _QuickGELUFunction.apply(x)
 
 
 def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -748,12 +748,11 @@ class CoDeModel(CoDePreTrainedModel):
         mask = causal_attention_mask(length, hidden.dtype, hidden.device)
         for layer in text.encoder.layers:
             hidden = layer(hidden, mask)
-        return self._project_at_eos(hidden, eos_index)
+        return self._project_text(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index])
 
-    def _project_at_eos(self, hidden: torch.Tensor, eos_index: torch.Tensor) -> torch.Tensor:
-        """Last text states [N, S, W_t] read at eos_index [N], final LN, projection -> unit-norm [N, C]."""
-        pooled = self.clip.text_model.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index])
-        return F.normalize(self.clip.text_projection(pooled), dim=-1)
+    def _project_text(self, eos_states: torch.Tensor) -> torch.Tensor:
+        """Last text states at EOS [N, W_t] -> final LN, projection -> unit-norm embeddings [N, C]."""
+        return F.normalize(self.clip.text_projection(self.clip.text_model.final_layer_norm(eos_states)), dim=-1)
 
     def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of the first EOS token of each row of input_ids [N, L] -> [N]."""
@@ -794,8 +793,7 @@ class CoDeModel(CoDePreTrainedModel):
         hidden = torch.cat(pieces)
         for layer in text.encoder.layers:
             hidden = causal_block_packed(layer, hidden, packing)
-        pooled = text.final_layer_norm(hidden[torch.cat(eos_rows)])
-        embeddings = F.normalize(self.clip.text_projection(pooled), dim=-1)
+        embeddings = self._project_text(hidden[torch.cat(eos_rows)])
         return list(embeddings.split([len(eos_index) for _, eos_index, _ in groups]))
 
     def _template_group(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

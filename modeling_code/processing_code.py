@@ -139,9 +139,6 @@ class CoDeProcessor(ProcessorMixin):
         """
         return self.tokenize_with_truncation_flags(texts, context_length)[0]
 
-    def _bpe_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return _bpe_ids(self.tokenizer, texts)
-
     # ------------------------------------------------------------------------------- training
 
     def prepare_training_sample(self, image: ImageLike, caption: str, rng: random.Random) -> dict[str, torch.Tensor]:
@@ -170,7 +167,7 @@ class CoDeProcessor(ProcessorMixin):
         prompts = [rng.choice(self.kg_templates).format(noun) for noun in selected]
 
         caption_input_ids = self.tokenize([caption])[0]
-        noun_token_ids = dict(zip(nouns, self._bpe_ids(nouns)))
+        noun_token_ids = dict(zip(nouns, _bpe_ids(self.tokenizer, nouns)))
         text_labels = pseudo_text_labels(
             caption_input_ids.tolist(),
             list(noun_token_ids.values()),

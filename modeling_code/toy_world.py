@@ -2,10 +2,10 @@
 
 Real CLIP weights and real datasets cannot be fetched everywhere, yet the whole CoDe pipeline
 (CLIP pretraining, CoDe training, open-vocabulary evaluation) should run end to end on a CPU in
-minutes. This module draws small scenes: 1-4 coloured shapes ("things": circle, star, ...; by default each category in its own colour), each
-category with its own surface pattern in a darker shade of the object's colour, over a textured
-background ("stuff": grass, water, ...), a caption that names exactly the things and the stuff
-present, and the per-pixel class map.
+minutes. This module draws small scenes: 1-4 coloured shapes ("things": circle, star, ...; by
+default each category in its own colour), each category with its own surface pattern in a darker
+shade of the object's colour, over a textured background ("stuff": grass, water, ...), a caption
+that names exactly the things and the stuff present, and the per-pixel class map.
 
 Caption convention: each thing category present is named once. A category drawn several times is
 named with a count and its plural ("two red circles"); the class name stays the singular
