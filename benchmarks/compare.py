@@ -57,6 +57,7 @@ def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
     from PIL import Image
 
     from modeling_code import CoDeConfig, CoDeModel
+    from modeling_code.allocator import retain_freed_memory
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.inference import encode_vocabulary
     from modeling_code.processing_code import CoDeProcessor
@@ -64,6 +65,7 @@ def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
     from modeling_code.templates import get_templates
     from modeling_code.word_tokenizer import build_clip_tokenizer
 
+    retain_freed_memory()  # as the code-seg command and the demo do
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = CoDeModel(CoDeConfig()).eval()

@@ -62,9 +62,11 @@ def _setup(scenario: Scenario, threads: int):
     from transformers import CLIPVisionModel
 
     from modeling_code import CoDeConfig, CoDeModel
+    from modeling_code.allocator import retain_freed_memory
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.inference import VocabularyEmbeddings
 
+    retain_freed_memory()  # as the code-seg command does
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = CoDeModel(CoDeConfig()).eval()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modeling_code import CoDeConfig, CoDeModel
+from modeling_code.allocator import retain_freed_memory
 
 SIZES = {
     "vit-b16": {},
@@ -87,6 +88,7 @@ def run_steps(size: str, batch_size: int, steps: int, region_checkpointing: bool
 
     from modeling_code.trainer import training_step
 
+    retain_freed_memory()  # as training does
     torch.manual_seed(0)
     config = CoDeConfig(**SIZES[size], region_activation_checkpointing=region_checkpointing)
     accelerator = Accelerator(cpu=True)

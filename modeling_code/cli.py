@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .allocator import retain_freed_memory
+
 # Exit codes: 0 success, 1 some inputs failed (the others were processed), 2 unusable arguments or model.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16")
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``code-seg`` with ``argv`` (default: the process arguments); returns the exit code."""
     args = build_parser().parse_args(argv)
+    retain_freed_memory()
     return args.handler(args)
 
 

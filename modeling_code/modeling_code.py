@@ -11,6 +11,7 @@ C joint embedding width, W_v / W_t vision / text widths, L text positions, h x w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,11 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
 from transformers.utils import ModelOutput
 
 from .configuration_code import CoDeConfig
+
+# Inference computes the decoder's last block in row bands whose tap products stay this small. Temporaries
+# of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
+# every window, which cost more than the two neighbour rows each band adds.
+BAND_TAP_BYTES = 16 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -354,15 +360,41 @@ class CoDeUpsampleBlock(nn.Module):
         self._tap_cache = (key, taps) if cacheable else None
         return taps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+    def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C].
+
+        ``rows=(start, stop)`` computes only the output rows of low-resolution rows ``start:stop``: [B, 2 (stop -
+        start), 2W, C]. The rows just outside the band add their one needed row of taps (the convolution's
+        neighbours); outside the map they are its zero padding.
+        """
         batch, height, width, channels = x.shape
-        activated = F.gelu(F.layer_norm(x, (channels,), self.norm.weight, self.norm.bias, self.norm.eps))
-        # per low-resolution pixel, the products of all 9 kernel taps: [B, H, W, row tap, column tap, C]
-        taps = (activated @ self._tap_weights()).view(batch, height, width, 3, 3, channels)
-        out = _UpsampledConvPhaseSum.apply(taps)
-        out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, :, None, :, None])
-        return out.view(batch, 2 * height, 2 * width, channels)
+        start, stop = rows or (0, height)
+        top, bottom = max(start - 1, 0), min(stop + 1, height)  # the band with its neighbour rows
+        activated = F.gelu(
+            F.layer_norm(x[:, top:bottom], (channels,), self.norm.weight, self.norm.bias, self.norm.eps)
+        )
+        weights = self._tap_weights()
+        # per low-resolution pixel, the products of all 9 kernel taps: [B, rows, W, row tap, column tap, C]
+        band = activated[:, start - top : stop - top].reshape(-1, channels)  # 2-D: one matrix product, not a batch
+        taps = (band @ weights).view(batch, stop - start, width, 3, 3, channels)
+        out = _UpsampledConvPhaseSum.apply(taps)  # [B, rows, row phase, W, column phase, C]
+        if top < start:  # the row above feeds the band's first row (phase 0) with its first row tap
+            self._add_neighbour_row(out[:, 0, 0], activated[:, 0], weights[:, : 3 * channels])
+        if bottom > stop:  # the row below feeds the band's last row (phase 1) with its last row tap
+            self._add_neighbour_row(out[:, -1, 1], activated[:, -1], weights[:, 6 * channels :])
+        out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, start:stop, None, :, None])
+        return out.view(batch, 2 * (stop - start), 2 * width, channels)
+
+    @staticmethod
+    def _add_neighbour_row(out: torch.Tensor, activated: torch.Tensor, row_tap_weights: torch.Tensor) -> None:
+        """out [B, W, column phase, C] += one neighbour row's products with one row of kernel taps, column-summed.
+
+        activated [B, W, C]; row_tap_weights [C, 3 * C] (the row's three column taps).
+        """
+        batch, width, channels = activated.shape
+        taps = (activated.reshape(-1, channels) @ row_tap_weights).view(batch, 1, width, 1, 3, channels)
+        for column_phase in range(2):
+            out[:, :, column_phase] += _sum_phase_taps(taps, 2, column_phase)[:, 0, :, 0]
 
 
 class CoDeMaskerDecoder(nn.Module):
@@ -381,6 +413,16 @@ class CoDeMaskerDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+    def bands(self, x: torch.Tensor, max_tap_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The same output, the last block in bands of input rows whose tap products fit ``max_tap_bytes``:
+        yields (first output row, band [B, rows, W', C]). The full-resolution map never exists at once."""
+        for block in self.blocks[:-1]:
+            x = block(x)
+        batch, height, width, channels = x.shape
+        band_rows = max(1, max_tap_bytes // (batch * width * 9 * channels * x.element_size()))
+        for start in range(0, height, band_rows):
+            yield 2 * start, self.blocks[-1](x, (start, min(start + band_rows, height)))
 
 
 class CoDeMaskerProjection(nn.Module):
@@ -411,10 +453,27 @@ class CoDeMasker(nn.Module):
 
         E is unit-norm over C; it is computed channels last, and returned as a (channels-last strided) view.
         """
+        feature_map = self._feature_map(hidden_states, grid_size)
+        return self._embed(self.decoder(feature_map, plain=plain))
+
+    def bands(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The same E in bands of rows: yields (first row, E band [B, C, rows, 4w]).
+
+        For inference: the decoder's last block and the projection run band by band, so their large
+        temporaries (the tap products, the W_v-wide map at full resolution) stay a few MB each.
+        """
+        feature_map = self._feature_map(hidden_states, grid_size)
+        for start, band in self.decoder.bands(feature_map, BAND_TAP_BYTES):
+            yield start, self._embed(band)
+
+    def _feature_map(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Backbone block (self-only attention), class token dropped: [B, 1 + h*w, W_v] -> [B, h, w, W_v]."""
         hidden_states = self_only_attention_block(self.backbone_block, hidden_states)
-        feature_map = hidden_states[:, 1:].reshape(hidden_states.shape[0], *grid_size, -1)  # [B, h, w, W_v]
-        embeddings = F.normalize(self.projection(self.decoder(feature_map, plain=plain)), dim=-1)
-        return embeddings.permute(0, 3, 1, 2)
+        return hidden_states[:, 1:].reshape(hidden_states.shape[0], *grid_size, -1)
+
+    def _embed(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Projection and L2 norm: decoded [B, H, W, W_v] -> E [B, C, H, W] (a channels-last strided view)."""
+        return F.normalize(self.projection(decoded), dim=-1).permute(0, 3, 1, 2)
 
 
 class CoDeSim2Mask(nn.Module):
@@ -866,8 +925,15 @@ class CoDeModel(CoDePreTrainedModel):
         (template ensembles) or None to skip the KP branch. ``plain`` runs the reference decoder.
         """
         hidden, grid = self.encode_image_dense(pixel_values)
-        embeddings = self.masker(hidden, grid, plain=plain)
-        masks = torch.sigmoid(self.sim2mask(embeddings, class_embeddings.to(embeddings.dtype)))
+        class_embeddings = class_embeddings.to(hidden.dtype)
+        if plain:
+            masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid, plain=True), class_embeddings))
+        else:
+            masks = hidden.new_empty(hidden.shape[0], class_embeddings.shape[0], *(4 * size for size in grid))
+            for index in range(hidden.shape[0]):  # window by window, band by band: small temporaries only
+                for start, embeddings in self.masker.bands(hidden[index : index + 1], grid):
+                    band = masks[index : index + 1, :, start : start + embeddings.shape[2]]
+                    band.copy_(torch.sigmoid(self.sim2mask(embeddings, class_embeddings)))
         kp_masks = None
         if kp_class_embeddings is not None:
             dense = self.dense_clip_features(hidden, grid)

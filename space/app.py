@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from modeling_code.allocator import retain_freed_memory
 from modeling_code.demo import (
     TOY_WORLD_MODEL_DIR,
     build_demo,
@@ -41,6 +42,7 @@ def example_rows() -> list[list]:
     return rows
 
 
+retain_freed_memory()  # every request frees and re-allocates the same large tensors
 model_source = resolve_model_source(os.environ, REPO_ROOT)
 model = load_demo_model(model_source)
 is_toy_world = model_source is not None and Path(model_source).resolve() == (REPO_ROOT / TOY_WORLD_MODEL_DIR).resolve()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import TINY_CODE_OVERRIDES, pad_token_ids
 from transformers import AutoConfig, AutoModel
 
+import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
 from modeling_code.modeling_code import (
     CoDeUpsampleBlock,
@@ -120,6 +121,44 @@ def test_tap_product_convolution_has_the_plain_gradients(tiny_clip_config, size)
                                                                      block.gate, block.norm.weight]))
     for fast_grad, plain_grad in zip(*gradients):
         torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(1, 3), (5, 4), (6, 5)])
+@pytest.mark.parametrize("band_rows", [1, 2, 4])
+def test_row_bands_of_the_upsampling_block_equal_the_whole_map(tiny_clip_config, size, band_rows):
+    torch.manual_seed(3)
+    block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
+    with torch.no_grad():
+        block.gate.fill_(0.8)
+        block.conv.bias.normal_()
+    x = torch.randn(2, 48, *size)
+    channels_last = x.permute(0, 2, 3, 1).contiguous()
+    with torch.no_grad():
+        bands = [block(channels_last, (start, min(start + band_rows, size[0]))) for start in range(0, size[0], band_rows)]
+    assert [band.shape[1] for band in bands] == [2 * (min(start + band_rows, size[0]) - start)
+                                                 for start in range(0, size[0], band_rows)]
+    torch.testing.assert_close(torch.cat(bands, dim=1).permute(0, 3, 1, 2), block.plain_forward(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_tap_bytes", [1, 3 * 9 * 48 * 4 * 6, 1 << 30])  # one row, three rows, one band
+def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkeypatch):
+    monkeypatch.setattr(modeling_code.modeling_code, "BAND_TAP_BYTES", max_tap_bytes)
+    model = tiny_code_model
+    with torch.no_grad():
+        for block in model.masker.decoder.blocks:
+            block.gate.fill_(0.6)
+        hidden, grid = model.encode_image_dense(torch.randn(1, 3, 40, 24))  # 5 x 3 patches -> 20 x 12
+        whole = model.masker(hidden, grid, plain=True)
+        bands = list(model.masker.bands(hidden, grid))
+    starts = [start for start, _ in bands]
+    expected_bands = {1: 10, 3 * 9 * 48 * 4 * 6: 4, 1 << 30: 1}[max_tap_bytes]  # last block: 10 x 6 input rows
+    assert len(bands) == expected_bands and starts == sorted(starts) and starts[0] == 0
+    torch.testing.assert_close(torch.cat([band for _, band in bands], dim=2), whole, rtol=1e-5, atol=1e-5)
+    prompted = F.normalize(torch.randn(3, 32), dim=-1)
+    pixels = torch.randn(2, 3, 40, 24)
+    torch.testing.assert_close(model.segment_window(pixels, prompted).masks,
+                               model.segment_window(pixels, prompted, plain=True).masks, rtol=1e-5, atol=1e-5)
 
 
 def test_tap_weight_cache_follows_weight_updates(tiny_clip_config):
