@@ -30,7 +30,7 @@ from .configuration_code import CoDeConfig
 # Inference computes the decoder's last block in row bands whose tap products stay this small. Temporaries
 # of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
 # every window, which cost more than the two neighbour rows each band adds.
-BAND_TAP_BYTES = 16 * 2**20
+BAND_TAP_BYTES = 24 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -214,11 +214,37 @@ def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, nois
     return hard - soft.detach() + soft
 
 
+def _neighbour_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and horizontal neighbour differences over the last two dims of x."""
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+class _TotalVariation(torch.autograd.Function):
+    """``total_variation`` keeping only x for backward (already alive), where autograd would keep both
+    differences: two more tensors of x's size."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        vertical, horizontal = _neighbour_differences(x)
+        return vertical.abs().mean() + horizontal.abs().mean()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        grad = torch.zeros_like(x)
+        vertical, horizontal = _neighbour_differences(x)
+        for difference, dim in ((vertical, -2), (horizontal, -1)):
+            step = difference.sign_().mul_(grad_output / difference.numel())
+            size = x.shape[dim] - 1
+            grad.narrow(dim, 1, size).add_(step)
+            grad.narrow(dim, 0, size).sub_(step)
+        return grad
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of vertical plus horizontal neighbours over the last two dims of x."""
-    vertical = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    horizontal = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    return vertical + horizontal
+    return _TotalVariation.apply(x)
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -315,6 +341,38 @@ class _UpsampledConvPhaseSum(torch.autograd.Function):
         return taps
 
 
+def _tap_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
+    output channel): a copy, since no view of the weight has that layout."""
+    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
+
+
+class _TapProducts(torch.autograd.Function):
+    """``activated [M, C_in] @ _tap_layout(weight)``, keeping the weight itself for backward and laying it out
+    again there. Autograd would keep the laid-out copy from forward to backward (21 MB per decoder block).
+    Backward computes in the forward product's dtype (autocast may have lowered it); autograd casts the
+    gradients back to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(activated, weight)
+        taps = activated @ _tap_layout(weight)
+        ctx.compute_dtype = taps.dtype
+        return taps
+
+    @staticmethod
+    def backward(ctx, grad_taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        activated, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
+        grad_taps = grad_taps.to(ctx.compute_dtype)
+        grad_activated = grad_taps @ _tap_layout(weight).t() if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            out_channels, in_channels = weight.shape[:2]
+            grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
+            grad_weight = grad_weight.contiguous()
+        return grad_activated, grad_weight
+
+
 class CoDeLayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a [B, C, H, W] map."""
 
@@ -356,9 +414,16 @@ class CoDeUpsampleBlock(nn.Module):
         cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
         if cacheable and self._tap_cache is not None and self._tap_cache[0] == key:
             return self._tap_cache[1]
-        taps = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1).contiguous()
+        taps = _tap_layout(weight)
         self._tap_cache = (key, taps) if cacheable else None
         return taps
+
+    def _tap_products(self, activated: torch.Tensor) -> torch.Tensor:
+        """activated [M, C_in] -> its products with every kernel tap [M, 9 * C_out] (tap-major)."""
+        weight = self.conv.weight
+        if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
+            return _TapProducts.apply(activated, weight)
+        return activated @ self._tap_weights()
 
     def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C].
@@ -373,15 +438,14 @@ class CoDeUpsampleBlock(nn.Module):
         activated = F.gelu(
             F.layer_norm(x[:, top:bottom], (channels,), self.norm.weight, self.norm.bias, self.norm.eps)
         )
-        weights = self._tap_weights()
         # per low-resolution pixel, the products of all 9 kernel taps: [B, rows, W, row tap, column tap, C]
         band = activated[:, start - top : stop - top].reshape(-1, channels)  # 2-D: one matrix product, not a batch
-        taps = (band @ weights).view(batch, stop - start, width, 3, 3, channels)
+        taps = self._tap_products(band).view(batch, stop - start, width, 3, 3, channels)
         out = _UpsampledConvPhaseSum.apply(taps)  # [B, rows, row phase, W, column phase, C]
         if top < start:  # the row above feeds the band's first row (phase 0) with its first row tap
-            self._add_neighbour_row(out[:, 0, 0], activated[:, 0], weights[:, : 3 * channels])
+            self._add_neighbour_row(out[:, 0, 0], activated[:, 0], self._tap_weights()[:, : 3 * channels])
         if bottom > stop:  # the row below feeds the band's last row (phase 1) with its last row tap
-            self._add_neighbour_row(out[:, -1, 1], activated[:, -1], weights[:, 6 * channels :])
+            self._add_neighbour_row(out[:, -1, 1], activated[:, -1], self._tap_weights()[:, 6 * channels :])
         out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, start:stop, None, :, None])
         return out.view(batch, 2 * (stop - start), 2 * width, channels)
 
@@ -963,11 +1027,10 @@ class CoDeModel(CoDePreTrainedModel):
         batch_size = pixel_values.shape[0]
         num_words = noun_input_ids.shape[0] // batch_size
 
-        # 1-2. frozen dense pass, masker -> E [B, C, H', W'], repeated per noun row -> [N, C, H', W']
+        # 1-2. frozen dense pass, masker -> E [B, C, H', W'] (noun row n reads image n % B; E is not repeated)
         with torch.no_grad():
             hidden, grid = self.encode_image_dense(pixel_values)
         image_embeddings = self.masker(hidden, grid)
-        row_embeddings = image_embeddings.repeat(num_words, 1, 1, 1)
 
         # 3. prompted noun embeddings t [N, C]; frozen template embeddings for the kg loss
         noun_embeddings = self.encode_nouns(noun_input_ids)
@@ -978,7 +1041,7 @@ class CoDeModel(CoDePreTrainedModel):
         rank, _ = _world()
         num_rows = noun_embeddings.shape[0]
         all_noun_embeddings = gather_with_grad(noun_embeddings)
-        mask_logits = self.sim2mask(row_embeddings, all_noun_embeddings)
+        mask_logits = self.sim2mask(image_embeddings, all_noun_embeddings).repeat(num_words, 1, 1, 1)
         soft_masks = torch.sigmoid(mask_logits)
         rows = torch.arange(num_rows, device=soft_masks.device)
         positive = torch.zeros(soft_masks.shape[:2], dtype=torch.bool, device=soft_masks.device)
@@ -987,7 +1050,7 @@ class CoDeModel(CoDePreTrainedModel):
         hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
         # 5a. image side: mask-pooled features vs nouns, region highlighting
-        tcl_feature = self._tcl_feature_logits(row_embeddings, soft_masks, all_noun_embeddings)
+        tcl_feature = self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings)
         region_embeddings = self._highlight_regions(pixel_values, hard_positive_masks, num_words)
         all_region_embeddings = gather_with_grad(region_embeddings)
 
@@ -1049,10 +1112,16 @@ class CoDeModel(CoDePreTrainedModel):
         return world_size * per_token.sum() / global_sum(weight_total).clamp(min=1e-12)
 
     def _tcl_feature_logits(
-        self, row_embeddings: torch.Tensor, soft_masks: torch.Tensor, all_noun_embeddings: torch.Tensor
+        self, image_embeddings: torch.Tensor, soft_masks: torch.Tensor, all_noun_embeddings: torch.Tensor
     ) -> torch.Tensor:
-        """Row i's embeddings pooled with its soft mask for noun j, cosine with noun j, scaled: [N, N_global]."""
-        pooled = torch.einsum("nchw,nmhw->nmc", row_embeddings, soft_masks)
+        """Row i's embeddings pooled with its soft mask for noun j, cosine with noun j, scaled: [N, N_global].
+
+        image_embeddings [B, C, H', W']; soft_masks [N, N_global, H', W'] with rows noun-major (row i is image
+        i % B), so the rows' embeddings are never materialised.
+        """
+        batch_size = image_embeddings.shape[0]
+        per_image = soft_masks.unflatten(0, (-1, batch_size)).flatten(-2)  # [K, B, N_global, H' W']
+        pooled = torch.einsum("bcp,kbmp->kbmc", image_embeddings.flatten(2), per_image).flatten(0, 1)
         pooled = pooled / (soft_masks.sum((-2, -1))[..., None] + self.config.mask_pool_eps)
         cosine = (F.normalize(pooled, dim=-1) * all_noun_embeddings[None]).sum(-1)
         return self._logit_scale(self.tcl_feature_logit_scale) * cosine

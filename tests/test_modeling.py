@@ -281,6 +281,54 @@ def test_symmetric_infonce_and_total_variation():
     assert float(total_variation(torch.ones(3, 4, 4))) == 0.0
 
 
+def _storages_saved_for_backward(function, *inputs: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        out = function(*inputs)
+    return out, set(saved)
+
+
+def test_total_variation_gradient_keeps_only_its_input():
+    x = torch.randn(2, 3, 5, 6).round().requires_grad_()  # rounded: equal neighbours, where |d|' = 0
+    upstream = torch.tensor(1.7)
+    value, saved = _storages_saved_for_backward(total_variation, x)
+    assert saved == {x.untyped_storage().data_ptr()}
+    (grad,) = torch.autograd.grad(value, x, upstream)
+    plain = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    (plain_grad,) = torch.autograd.grad(plain, x, upstream)
+    torch.testing.assert_close(value, plain)
+    torch.testing.assert_close(grad, plain_grad)
+
+
+def test_tap_products_keep_the_weight_itself_for_backward(tiny_clip_config):
+    block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
+    activated = torch.randn(10, 48, requires_grad=True)
+    taps, saved = _storages_saved_for_backward(block._tap_products, activated)
+    assert saved == {activated.untyped_storage().data_ptr(), block.conv.weight.untyped_storage().data_ptr()}
+    upstream = torch.randn_like(taps)
+    grads = torch.autograd.grad(taps, [activated, block.conv.weight], upstream)
+    laid_out = block.conv.weight.permute(1, 2, 3, 0).reshape(48, -1)
+    torch.testing.assert_close(taps, activated @ laid_out)
+    plain_grads = torch.autograd.grad(activated @ laid_out, [activated, block.conv.weight], upstream)
+    for grad, plain_grad in zip(grads, plain_grads):
+        torch.testing.assert_close(grad, plain_grad)
+
+
+def test_feature_pooling_reads_each_image_once_for_all_its_noun_rows(tiny_code_model):
+    batch_size, num_words, num_nouns = 2, 3, 6
+    image_embeddings = F.normalize(torch.randn(batch_size, 32, 5, 4), dim=1)
+    soft_masks = torch.rand(batch_size * num_words, num_nouns, 5, 4)
+    nouns = F.normalize(torch.randn(num_nouns, 32), dim=-1)
+    logits = tiny_code_model._tcl_feature_logits(image_embeddings, soft_masks, nouns)
+    rows = image_embeddings.repeat(num_words, 1, 1, 1)  # noun-major rows: row i is image i % B
+    pooled = torch.einsum("nchw,nmhw->nmc", rows, soft_masks) / (soft_masks.sum((-2, -1))[..., None]
+                                                                 + tiny_code_model.config.mask_pool_eps)
+    cosine = (F.normalize(pooled, dim=-1) * nouns[None]).sum(-1)
+    expected = tiny_code_model.tcl_feature_logit_scale.exp().clamp(max=tiny_code_model.config.logit_scale_max) * cosine
+    torch.testing.assert_close(logits, expected)
+
+
 # ------------------------------------------------------------------------------------------------ forward
 def test_training_forward_shapes_and_losses(tiny_code_model, tiny_tokenizer):
     model = tiny_code_model.train()
