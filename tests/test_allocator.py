@@ -11,11 +11,11 @@ import pytest
 
 SCRIPT = textwrap.dedent(
     """
-    import resource, sys
+    import resource
     import torch
     from modeling_code.allocator import retain_freed_memory
 
-    applied = retain_freed_memory() if sys.argv[1] == "retain" else None
+    applied = retain_freed_memory()
     def faults_of_one_round():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         # allocate, touch every page, free: the pattern of a window or a step, 24 MiB blocks
@@ -29,19 +29,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True).stdout
+def run_in_fresh_process() -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout
     applied, faults = out.split()
     return applied, int(faults)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting exists in glibc only")
 def test_freed_blocks_are_reused_without_page_faults():
-    applied, faults = run("retain")
+    applied, faults = run_in_fresh_process()
     assert applied == "True"
     assert faults < 100  # 72 MiB of fresh pages would be ~18,000 faults of 4 KiB
-    _, default_faults = run("default")
-    assert default_faults > 10_000  # by default the 72 MiB freed at the heap's top go back to the system
+    # (glibc's default usually gives ~12,000 here, handing the freed blocks back, but not always: its
+    # thresholds adapt to the process's earlier frees, so the default is not asserted.)
 
 
 def test_it_is_a_no_op_without_glibc(monkeypatch):
