@@ -7,8 +7,9 @@ which on this project's 2-core CPU cost 0.2–0.4 s of a 0.9–2 s image (measur
 faults). Fixing the ``mmap`` threshold at its ceiling and raising the trim threshold keeps those blocks in
 the heap. Results do not change; only where the memory comes from. The process keeps its peak memory reserved.
 
-Entry points that run whole jobs (the ``code-seg`` command, training, evaluation, the demo, the benchmarks)
-call ``retain_freed_memory`` once; a library user may call it too.
+The entry points that run whole jobs call ``retain_freed_memory`` once: the ``code-seg`` command,
+``training/train.py``, ``training/evaluate.py``, the Space and the benchmarks. Library functions leave the
+process's allocator alone; a library user may call it too.
 """
 
 from __future__ import annotations

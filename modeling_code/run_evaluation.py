@@ -12,7 +12,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .allocator import retain_freed_memory
 from .benchmarks import custom_benchmark, expand_benchmarks, get_benchmark
 from .evaluation import BenchmarkResult, evaluate_benchmark, write_outputs
 from .segmentation_datasets import build_source
@@ -127,11 +126,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
-    """Evaluate every requested benchmark (each process its shard) and write the outputs on the main process.
-
-    Applies ``retain_freed_memory`` to the process (every window frees and re-allocates the same tensors).
-    """
-    retain_freed_memory()
+    """Evaluate every requested benchmark (each process its shard) and write the outputs on the main process."""
     import torch
     from accelerate import Accelerator
 

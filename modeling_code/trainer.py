@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from .allocator import retain_freed_memory
 from .data_sources import STREAM_PROGRESS_KEY, TrainingStream, make_dataloader
 from .modeling_code import CoDeModel
 from .optimization import build_optimizer, scaled_learning_rates, warmup_cosine_schedule
@@ -201,11 +200,7 @@ class Evaluator:
 
 # ------------------------------------------------------------------------------------------------ train
 def train(config: TrainingConfig, resume_from_checkpoint: str | None = None) -> Path:
-    """Run training as configured; returns the directory holding the final ``save_pretrained`` model.
-
-    Applies ``retain_freed_memory`` to the process (every step frees and re-allocates the same tensors).
-    """
-    retain_freed_memory()
+    """Run training as configured; returns the directory holding the final ``save_pretrained`` model."""
     output_dir = Path(config.checkpoint.output_dir)
     optim = config.optim
     accelerator = Accelerator(

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from modeling_code.allocator import retain_freed_memory
 from modeling_code.run_evaluation import add_evaluate_arguments, run_evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
+    retain_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_evaluate(add_evaluate_arguments(parser).parse_args(argv))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from modeling_code.allocator import retain_freed_memory
 from modeling_code.trainer import train
 from modeling_code.training_config import load_training_config
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    retain_freed_memory()
     train(config, resume_from_checkpoint=args.resume_from_checkpoint)
 
 
