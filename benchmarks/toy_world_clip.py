@@ -36,6 +36,7 @@ from modeling_code.clip_pretraining import (
     small_clip_config,
     tokenize_texts,
 )
+from modeling_code.toy_pipeline import ToyPipelineSettings
 from modeling_code.toy_world import (
     TOY_CLASSES,
     TOY_STUFF,
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--prompt_probability", type=float, default=0.25)
+    parser.add_argument("--fragment_probability", type=float, default=ToyPipelineSettings.clip_fragment_probability)
     parser.add_argument("--min_crop_scale", type=float, default=1.0)
     parser.add_argument("--logit_scale_init", type=float, default=None)
     parser.add_argument("--vision_hidden_size", type=int, default=128)
@@ -193,6 +195,7 @@ def main() -> None:
         model = pretrain_clip(
             world["train"], tokenizer, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, noun_forms=noun_forms, prompt_probability=args.prompt_probability,
+            fragment_probability=args.fragment_probability,
             min_crop_scale=args.min_crop_scale,
         )
         print(f"pretraining time: {time.perf_counter() - start:.1f} s wall, "

@@ -18,6 +18,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .image_processing_code import IMAGENET_MEAN, IMAGENET_STD
 from .processing_code import clip_token_ids
+from .text_decomposition import pseudo_text_labels
 
 CONTEXT_LENGTH = 77
 # Prompts for the optional noun-prompt texts (the 9 "custom" evaluation templates of CoDe).
@@ -129,6 +130,11 @@ def caption_nouns(caption: str, noun_forms: Mapping[str, str]) -> set[str]:
     return {noun_forms[word] for word in caption.replace(",", " ").replace(".", " ").split() if word in noun_forms}
 
 
+def pick_noun(nouns: set[str], generator: torch.Generator) -> str:
+    """One of ``nouns``, drawn uniformly (in sorted order, so a seed always gives the same noun)."""
+    return sorted(nouns)[int(torch.randint(len(nouns), (1,), generator=generator))]
+
+
 def noun_prompts(
     nouns_per_caption: Sequence[set[str]], generator: torch.Generator
 ) -> list[tuple[str, str] | None]:
@@ -141,10 +147,32 @@ def noun_prompts(
         if not nouns:
             prompts.append(None)
             continue
-        noun = sorted(nouns)[int(torch.randint(len(nouns), (1,), generator=generator))]
+        noun = pick_noun(nouns, generator)
         template = PROMPT_TEMPLATES[int(torch.randint(len(PROMPT_TEMPLATES), (1,), generator=generator))]
         prompts.append((template.format(noun), noun))
     return prompts
+
+
+def fragment_blank_positions(caption_ids: torch.Tensor, kept_token_ids: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Which positions a one-noun fragment of each caption blanks: every word except the noun's.
+
+    A fragment is what CoDe's word highlighting makes of a caption: the noun's tokens stay where they
+    are, the other words' embeddings are replaced (here by zeros, where CoDe's learnable text
+    background starts), and start, end and padding are untouched.
+
+    Args:
+        caption_ids: [n, L] ids as :func:`tokenize_texts` makes them (start, tokens, end, zeros).
+        kept_token_ids: for each caption, the token-id sequences to keep (e.g. every form of one
+            noun: "circle", "circles"); every occurrence is kept.
+    Returns:
+        bool [n, L], True where the word embedding is blanked.
+    """
+    blank = torch.zeros(caption_ids.shape, dtype=torch.bool)
+    for row, (ids, kept) in enumerate(zip(caption_ids.tolist(), kept_token_ids)):
+        end = max(position for position, token_id in enumerate(ids) if token_id != 0)
+        labels = pseudo_text_labels(ids, [], kept)
+        blank[row, 1:end] = torch.tensor([label <= 0 for label in labels[1:end]], dtype=torch.bool)
+    return blank
 
 
 def positive_pairs(
@@ -198,6 +226,7 @@ def pretrain_clip(
     warmup_fraction: float = 0.1,
     noun_forms: Mapping[str, str] | None = None,
     prompt_probability: float = 0.0,
+    fragment_probability: float = 0.0,
     min_crop_scale: float = 1.0,
     image_column: str = "image",
     caption_column: str = "caption",
@@ -220,6 +249,10 @@ def pretrain_clip(
         noun_forms, prompt_probability: if given, each pair's text is replaced with probability
             ``prompt_probability`` by a prompt ("a photo of the small {noun}.") naming one noun of
             its caption; ``noun_forms`` maps caption words to nouns ("circles" -> "circle").
+        fragment_probability: each remaining pair's text is, with this probability, a one-noun fragment
+            of its caption (:func:`fragment_blank_positions`), matching every image that names the noun.
+            CoDe's highlighted captions are such fragments: a CLIP trained on whole captions alone
+            reads them no closer to the noun's region than to the whole scene.
         min_crop_scale: smallest area fraction of the random crops (1.0: horizontal flips only;
             resampling blurs the toy world's fine surface patterns).
         loss_history: if given, the loss of every step is appended to it.
@@ -229,8 +262,8 @@ def pretrain_clip(
     """
     if steps < 1 or batch_size < 2:
         raise ValueError(f"need steps >= 1 and batch_size >= 2, got steps={steps}, batch_size={batch_size}")
-    if prompt_probability > 0 and not noun_forms:
-        raise ValueError("prompt_probability > 0 needs noun_forms (caption word -> noun)")
+    if (prompt_probability > 0 or fragment_probability > 0) and not noun_forms:
+        raise ValueError("prompt_probability or fragment_probability > 0 needs noun_forms (caption word -> noun)")
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -240,6 +273,9 @@ def pretrain_clip(
     captions = list(dataset[caption_column])
     caption_ids = tokenize_texts(tokenizer, captions)
     nouns_per_caption = [caption_nouns(caption, noun_forms or {}) for caption in captions]
+    forms_of = {noun: [form for form, name in (noun_forms or {}).items() if name == noun]
+                for noun in set((noun_forms or {}).values())}
+    form_token_ids = {noun: tokenizer(forms, add_special_tokens=False)["input_ids"] for noun, forms in forms_of.items()}
     if len(captions) < batch_size:
         raise ValueError(f"dataset has {len(captions)} pairs, fewer than batch_size={batch_size}")
 
@@ -256,6 +292,12 @@ def pretrain_clip(
     warmup_steps = max(1, int(warmup_fraction * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, steps, warmup_steps)
+    )
+    # Fragments blank word embeddings between the token embedding and the position embedding.
+    blank: list[torch.Tensor | None] = [None]
+    token_embedding = model.text_model.embeddings.token_embedding
+    hook = token_embedding.register_forward_hook(
+        lambda module, inputs, output: output if blank[0] is None else output.masked_fill(blank[0][..., None], 0.0)
     )
     order = torch.randperm(len(captions), generator=generator)
     cursor = 0
@@ -278,9 +320,21 @@ def pretrain_clip(
                 input_ids[rows] = tokenize_texts(tokenizer, [prompts[row][0] for row in rows])
                 for row in rows:
                     texts[row] = ("noun", prompts[row][1])
+        blank[0] = None
+        if fragment_probability > 0:
+            use = torch.rand(len(batch), generator=generator) < fragment_probability
+            rows = [row for row in range(len(batch)) if use[row] and texts[row][0] == "caption" and batch_nouns[row]]
+            if rows:
+                nouns = [pick_noun(batch_nouns[row], generator) for row in rows]
+                blank[0] = torch.zeros(input_ids.shape, dtype=torch.bool)
+                blank[0][rows] = fragment_blank_positions(input_ids[rows], [form_token_ids[noun] for noun in nouns])
+                for row, noun in zip(rows, nouns):
+                    texts[row] = ("noun", noun)
         # The text tower is causal and pools at the end token: positions after the longest text
         # cannot change the result, so they are not computed.
         length = int((input_ids == tokenizer.eos_token_id).int().argmax(dim=1).max()) + 1
+        if blank[0] is not None:
+            blank[0] = blank[0][:, :length]
         pixel_values = augment_images(normalize_images(images[batch]), generator, min_crop_scale)
         logits = model(input_ids=input_ids[:, :length], pixel_values=pixel_values).logits_per_image
         loss = multi_positive_clip_loss(logits, positive_pairs(batch_captions, batch_nouns, texts))
@@ -293,4 +347,5 @@ def pretrain_clip(
         if loss_history is not None:
             loss_history.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    hook.remove()
     return model.eval()

@@ -33,6 +33,8 @@ class ToyPipelineSettings:
     num_test: int = 300
     clip_steps: int = 300
     clip_batch_size: int = 128
+    # Share of CLIP texts that are one-noun fragments of their caption, as CoDe's highlighted captions are.
+    clip_fragment_probability: float = 0.25
     code_steps: int | None = None  # None: the YAML config's optim.max_steps
     code_batch_size: int | None = None
     threads: int = 2
@@ -105,7 +107,7 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     noun_forms = toy_noun_forms()
     clip = pretrain_clip(world["train"], tokenizer, clip_config, steps=settings.clip_steps,
                          batch_size=settings.clip_batch_size, seed=settings.seed, progress=settings.progress,
-                         noun_forms=noun_forms)
+                         noun_forms=noun_forms, fragment_probability=settings.clip_fragment_probability)
     clip.save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
     del clip

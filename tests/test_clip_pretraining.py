@@ -17,6 +17,7 @@ from modeling_code.clip_pretraining import (
     IMAGENET_STD,
     augment_images,
     caption_nouns,
+    fragment_blank_positions,
     images_to_tensor,
     learning_rate_factor,
     multi_positive_clip_loss,
@@ -132,6 +133,38 @@ def test_positive_pairs_and_multi_positive_loss(tiny_clip_config, tiny_tokenizer
     assert multi_positive_clip_loss(equal, torch.ones(2, 2, dtype=torch.bool)).item() == pytest.approx(math.log(2))
 
 
+def test_fragment_blanks_every_word_but_the_noun(tiny_tokenizer):
+    captions = ["two red circles on the grass and a circle.", "a star in the sky."]
+    ids = tokenize_texts(tiny_tokenizer, captions)
+    circle_forms = tiny_tokenizer(["circle", "circles"], add_special_tokens=False)["input_ids"]
+    sky_forms = tiny_tokenizer(["sky"], add_special_tokens=False)["input_ids"]
+    blank = fragment_blank_positions(ids, [circle_forms, sky_forms])
+    assert blank.shape == ids.shape and blank.dtype == torch.bool
+    for row, caption in enumerate(captions):
+        words = tiny_tokenizer(caption, add_special_tokens=False)["input_ids"]
+        kept = {token for forms in ([circle_forms, sky_forms][row]) for token in forms}
+        # start token, end token and padding are never blanked; of the words, only the noun's forms stay.
+        assert not blank[row, 0] and not blank[row, 1 + len(words):].any()
+        assert blank[row, 1 : 1 + len(words)].tolist() == [token not in kept for token in words]
+    words = tiny_tokenizer(captions[0], add_special_tokens=False)["input_ids"]
+    assert (~blank[0, 1 : 1 + len(words)]).sum() == len(circle_forms[0]) + len(circle_forms[1])  # both forms kept
+
+
+def test_pretraining_on_fragments_learns_and_leaves_no_hook(tiny_world, tiny_tokenizer):
+    torch.set_num_threads(2)
+    config = small_clip_config(tiny_tokenizer, **TINY_MODEL)
+    forms = {"circle": "circle", "circles": "circle", "star": "star", "stars": "star", "grass": "grass"}
+    runs = {}
+    for probability in (0.0, 0.6):
+        losses: list[float] = []
+        model = pretrain_clip(tiny_world["train"], tiny_tokenizer, config, steps=30, batch_size=16, lr=3e-3, seed=0,
+                              progress=False, loss_history=losses, noun_forms=forms, fragment_probability=probability)
+        runs[probability] = losses
+        assert not model.text_model.embeddings.token_embedding._forward_hooks
+    assert runs[0.6][0] != runs[0.0][0]  # same seed and batch: the fragments changed the texts
+    assert sum(runs[0.6][-5:]) / 5 < sum(runs[0.6][:5]) / 5 - 0.3
+
+
 def test_learning_rate_schedule():
     assert learning_rate_factor(0, 100, 10) == pytest.approx(0.1)
     assert learning_rate_factor(9, 100, 10) == pytest.approx(1.0)
@@ -167,6 +200,9 @@ def test_pretraining_rejects_bad_settings(tiny_world, tiny_tokenizer):
     with pytest.raises(ValueError, match="needs noun_forms"):
         pretrain_clip(tiny_world["train"], tiny_tokenizer, config, steps=1, batch_size=8, progress=False,
                       prompt_probability=0.5)
+    with pytest.raises(ValueError, match="needs noun_forms"):
+        pretrain_clip(tiny_world["train"], tiny_tokenizer, config, steps=1, batch_size=8, progress=False,
+                      fragment_probability=0.5)
 
 
 def test_training_script_writes_a_loadable_clip(tmp_path):

@@ -24,6 +24,7 @@ import datasets
 import torch
 
 from modeling_code.clip_pretraining import pretrain_clip, small_clip_config
+from modeling_code.toy_pipeline import ToyPipelineSettings
 from modeling_code.toy_world import (
     ToyWorldConfig,
     build_toy_world,
@@ -47,6 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight_decay", type=float, default=0.1)
     parser.add_argument("--prompt_probability", type=float, default=0.25,
                         help="chance of replacing a caption by a prompt naming one of its nouns")
+    parser.add_argument("--fragment_probability", type=float, default=ToyPipelineSettings.clip_fragment_probability,
+                        help="chance of replacing a caption by a fragment keeping only one of its nouns")
     parser.add_argument("--min_crop_scale", type=float, default=1.0,
                         help="smallest area of the random crops (1.0: flips only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -95,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     model = pretrain_clip(
         train, tokenizer, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         progress=not args.no_progress, weight_decay=args.weight_decay, noun_forms=noun_forms,
-        prompt_probability=args.prompt_probability, min_crop_scale=args.min_crop_scale, loss_history=losses,
+        prompt_probability=args.prompt_probability, fragment_probability=args.fragment_probability,
+        min_crop_scale=args.min_crop_scale, loss_history=losses,
     )
     seconds = time.perf_counter() - start
     model.save_pretrained(out)
