@@ -251,8 +251,8 @@ def pretrain_clip(
             its caption; ``noun_forms`` maps caption words to nouns ("circles" -> "circle").
         fragment_probability: each remaining pair's text is, with this probability, a one-noun fragment
             of its caption (:func:`fragment_blank_positions`), matching every image that names the noun.
-            CoDe's highlighted captions are such fragments: a CLIP trained on whole captions alone
-            reads them no closer to the noun's region than to the whole scene.
+            CoDe's highlighted captions are such fragments, which a CLIP trained on whole captions
+            alone has never seen.
         min_crop_scale: smallest area fraction of the random crops (1.0: horizontal flips only;
             resampling blurs the toy world's fine surface patterns).
         loss_history: if given, the loss of every step is appended to it.
