@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .image_processing_code import IMAGENET_MEAN, IMAGENET_STD
-from .processing_code import clip_token_ids
+from .processing_code import _bpe_ids, clip_token_ids
 from .text_decomposition import pseudo_text_labels
 
 CONTEXT_LENGTH = 77
@@ -272,10 +272,12 @@ def pretrain_clip(
     images = images_to_tensor(dataset[image_column], image_size)
     captions = list(dataset[caption_column])
     caption_ids = tokenize_texts(tokenizer, captions)
-    nouns_per_caption = [caption_nouns(caption, noun_forms or {}) for caption in captions]
-    forms_of = {noun: [form for form, name in (noun_forms or {}).items() if name == noun]
-                for noun in set((noun_forms or {}).values())}
-    form_token_ids = {noun: tokenizer(forms, add_special_tokens=False)["input_ids"] for noun, forms in forms_of.items()}
+    noun_forms = noun_forms or {}
+    nouns_per_caption = [caption_nouns(caption, noun_forms) for caption in captions]
+    forms_by_noun: dict[str, list[str]] = {}
+    for form, noun in noun_forms.items():
+        forms_by_noun.setdefault(noun, []).append(form)
+    form_token_ids = {noun: _bpe_ids(tokenizer, forms) for noun, forms in forms_by_noun.items()}
     if len(captions) < batch_size:
         raise ValueError(f"dataset has {len(captions)} pairs, fewer than batch_size={batch_size}")
 
