@@ -8,8 +8,9 @@ tokenised to exactly 77 positions (start token, tokens, end token, then padding 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -175,6 +176,22 @@ def fragment_blank_positions(caption_ids: torch.Tensor, kept_token_ids: Sequence
     return blank
 
 
+@contextlib.contextmanager
+def blanked_word_embeddings(token_embedding: torch.nn.Embedding) -> Iterator[list[torch.Tensor | None]]:
+    """While active, word embeddings are zeroed where ``holder[0]`` (bool [B, L], or None: nothing) is True.
+
+    Yields the one-element ``holder`` to set before each forward pass; the hook is removed on exit, also on error.
+    """
+    holder: list[torch.Tensor | None] = [None]
+    hook = token_embedding.register_forward_hook(
+        lambda module, inputs, output: output if holder[0] is None else output.masked_fill(holder[0][..., None], 0.0)
+    )
+    try:
+        yield holder
+    finally:
+        hook.remove()
+
+
 def positive_pairs(
     captions: Sequence[str], nouns_per_caption: Sequence[set[str]], texts: Sequence[tuple[str, str]]
 ) -> torch.Tensor:
@@ -296,58 +313,53 @@ def pretrain_clip(
         optimizer, lambda step: learning_rate_factor(step, steps, warmup_steps)
     )
     # Fragments blank word embeddings between the token embedding and the position embedding.
-    blank: list[torch.Tensor | None] = [None]
-    token_embedding = model.text_model.embeddings.token_embedding
-    hook = token_embedding.register_forward_hook(
-        lambda module, inputs, output: output if blank[0] is None else output.masked_fill(blank[0][..., None], 0.0)
-    )
-    order = torch.randperm(len(captions), generator=generator)
-    cursor = 0
-    bar = tqdm(range(steps), desc="pretraining CLIP", disable=not progress)
-    for _ in bar:
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(captions), generator=generator), 0
-        batch = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        input_ids = caption_ids[batch]
-        batch_captions = [captions[i] for i in batch.tolist()]
-        batch_nouns = [nouns_per_caption[i] for i in batch.tolist()]
-        texts = [("caption", caption) for caption in batch_captions]
-        if prompt_probability > 0:
-            prompts = noun_prompts(batch_nouns, generator)
-            use = torch.rand(len(batch), generator=generator) < prompt_probability
-            rows = [row for row in range(len(batch)) if use[row] and prompts[row] is not None]
-            if rows:
-                input_ids = input_ids.clone()
-                input_ids[rows] = tokenize_texts(tokenizer, [prompts[row][0] for row in rows])
-                for row in rows:
-                    texts[row] = ("noun", prompts[row][1])
-        blank[0] = None
-        if fragment_probability > 0:
-            use = torch.rand(len(batch), generator=generator) < fragment_probability
-            rows = [row for row in range(len(batch)) if use[row] and texts[row][0] == "caption" and batch_nouns[row]]
-            if rows:
-                nouns = [pick_noun(batch_nouns[row], generator) for row in rows]
-                blank[0] = torch.zeros(input_ids.shape, dtype=torch.bool)
-                blank[0][rows] = fragment_blank_positions(input_ids[rows], [form_token_ids[noun] for noun in nouns])
-                for row, noun in zip(rows, nouns):
-                    texts[row] = ("noun", noun)
-        # The text tower is causal and pools at the end token: positions after the longest text
-        # cannot change the result, so they are not computed.
-        length = int((input_ids == tokenizer.eos_token_id).int().argmax(dim=1).max()) + 1
-        if blank[0] is not None:
-            blank[0] = blank[0][:, :length]
-        pixel_values = augment_images(normalize_images(images[batch]), generator, min_crop_scale)
-        logits = model(input_ids=input_ids[:, :length], pixel_values=pixel_values).logits_per_image
-        loss = multi_positive_clip_loss(logits, positive_pairs(batch_captions, batch_nouns, texts))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if loss_history is not None:
-            loss_history.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    hook.remove()
+    with blanked_word_embeddings(model.text_model.embeddings.token_embedding) as blank:
+        order = torch.randperm(len(captions), generator=generator)
+        cursor = 0
+        bar = tqdm(range(steps), desc="pretraining CLIP", disable=not progress)
+        for _ in bar:
+            if cursor + batch_size > len(order):
+                order, cursor = torch.randperm(len(captions), generator=generator), 0
+            batch = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            input_ids = caption_ids[batch]
+            batch_captions = [captions[i] for i in batch.tolist()]
+            batch_nouns = [nouns_per_caption[i] for i in batch.tolist()]
+            texts = [("caption", caption) for caption in batch_captions]
+            if prompt_probability > 0:
+                prompts = noun_prompts(batch_nouns, generator)
+                use = torch.rand(len(batch), generator=generator) < prompt_probability
+                rows = [row for row in range(len(batch)) if use[row] and prompts[row] is not None]
+                if rows:
+                    input_ids = input_ids.clone()
+                    input_ids[rows] = tokenize_texts(tokenizer, [prompts[row][0] for row in rows])
+                    for row in rows:
+                        texts[row] = ("noun", prompts[row][1])
+            blank[0] = None
+            if fragment_probability > 0:
+                use = torch.rand(len(batch), generator=generator) < fragment_probability
+                rows = [row for row in range(len(batch)) if use[row] and texts[row][0] == "caption" and batch_nouns[row]]
+                if rows:
+                    nouns = [pick_noun(batch_nouns[row], generator) for row in rows]
+                    blank[0] = torch.zeros(input_ids.shape, dtype=torch.bool)
+                    blank[0][rows] = fragment_blank_positions(input_ids[rows], [form_token_ids[noun] for noun in nouns])
+                    for row, noun in zip(rows, nouns):
+                        texts[row] = ("noun", noun)
+            # The text tower is causal and pools at the end token: positions after the longest text
+            # cannot change the result, so they are not computed.
+            length = int((input_ids == tokenizer.eos_token_id).int().argmax(dim=1).max()) + 1
+            if blank[0] is not None:
+                blank[0] = blank[0][:, :length]
+            pixel_values = augment_images(normalize_images(images[batch]), generator, min_crop_scale)
+            logits = model(input_ids=input_ids[:, :length], pixel_values=pixel_values).logits_per_image
+            loss = multi_positive_clip_loss(logits, positive_pairs(batch_captions, batch_nouns, texts))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            if loss_history is not None:
+                loss_history.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()

@@ -16,6 +16,7 @@ from modeling_code.clip_pretraining import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     augment_images,
+    blanked_word_embeddings,
     caption_nouns,
     fragment_blank_positions,
     images_to_tensor,
@@ -163,6 +164,21 @@ def test_pretraining_on_fragments_learns_and_leaves_no_hook(tiny_world, tiny_tok
         assert not model.text_model.embeddings.token_embedding._forward_hooks
     assert runs[0.6][0] != runs[0.0][0]  # same seed and batch: the fragments changed the texts
     assert sum(runs[0.6][-5:]) / 5 < sum(runs[0.6][:5]) / 5 - 0.3
+
+
+def test_blanked_word_embeddings_zero_flagged_positions_and_always_unhook():
+    embedding = torch.nn.Embedding(10, 4)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with blanked_word_embeddings(embedding) as blank:
+        torch.testing.assert_close(embedding(ids), embedding.weight[ids])  # nothing flagged: untouched
+        blank[0] = torch.tensor([[False, True, False], [True, False, False]])
+        out = embedding(ids)
+    assert (out[0, 1] == 0).all() and (out[1, 0] == 0).all()
+    torch.testing.assert_close(out[0, [0, 2]], embedding.weight[ids[0, [0, 2]]])
+    assert not embedding._forward_hooks
+    with pytest.raises(RuntimeError, match="interrupted"), blanked_word_embeddings(embedding):
+        raise RuntimeError("interrupted")
+    assert not embedding._forward_hooks
 
 
 def test_learning_rate_schedule():
