@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--prompt_probability", type=float, default=0.25)
+    parser.add_argument("--prompt_probability", type=float, default=ToyPipelineSettings.clip_prompt_probability)
     parser.add_argument("--fragment_probability", type=float, default=ToyPipelineSettings.clip_fragment_probability)
     parser.add_argument("--min_crop_scale", type=float, default=1.0)
     parser.add_argument("--logit_scale_init", type=float, default=None)

@@ -33,6 +33,8 @@ class ToyPipelineSettings:
     num_test: int = 300
     clip_steps: int = 300
     clip_batch_size: int = 128
+    # Share of CLIP texts replaced by a noun prompt ("a photo of the small {noun}."): none in the toy recipe.
+    clip_prompt_probability: float = 0.0
     # Share of CLIP texts that are one-noun fragments of their caption, as CoDe's highlighted captions are.
     clip_fragment_probability: float = 0.25
     code_steps: int | None = None  # None: the YAML config's optim.max_steps
@@ -107,7 +109,8 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     noun_forms = toy_noun_forms()
     clip = pretrain_clip(world["train"], tokenizer, clip_config, steps=settings.clip_steps,
                          batch_size=settings.clip_batch_size, seed=settings.seed, progress=settings.progress,
-                         noun_forms=noun_forms, fragment_probability=settings.clip_fragment_probability)
+                         noun_forms=noun_forms, prompt_probability=settings.clip_prompt_probability,
+                         fragment_probability=settings.clip_fragment_probability)
     clip.save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
     del clip

@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight_decay", type=float, default=0.1)
-    parser.add_argument("--prompt_probability", type=float, default=0.25,
+    parser.add_argument("--prompt_probability", type=float, default=ToyPipelineSettings.clip_prompt_probability,
                         help="chance of replacing a caption by a prompt naming one of its nouns")
     parser.add_argument("--fragment_probability", type=float, default=ToyPipelineSettings.clip_fragment_probability,
                         help="chance of replacing a caption by a fragment keeping only one of its nouns")
