@@ -42,8 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_train", type=int, default=ToyWorldConfig.num_train, help="generated world only")
     parser.add_argument("--image_size", type=int, default=ToyWorldConfig.image_size, help="generated world only")
     parser.add_argument("--world_seed", type=int, default=0, help="generated world only")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=ToyPipelineSettings.clip_steps)
+    parser.add_argument("--batch_size", type=int, default=ToyPipelineSettings.clip_batch_size)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight_decay", type=float, default=0.1)
     parser.add_argument("--prompt_probability", type=float, default=ToyPipelineSettings.clip_prompt_probability,
