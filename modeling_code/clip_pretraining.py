@@ -222,6 +222,50 @@ def multi_positive_clip_loss(logits_per_image: torch.Tensor, positives: torch.Te
     return 0.5 * (image_loss + text_loss)
 
 
+def choose_batch_texts(
+    caption_ids: torch.Tensor,
+    captions: Sequence[str],
+    nouns_per_caption: Sequence[set[str]],
+    tokenizer: CLIPTokenizer,
+    generator: torch.Generator,
+    prompt_probability: float,
+    fragment_probability: float,
+    form_token_ids: Mapping[str, Sequence[Sequence[int]]],
+) -> tuple[torch.Tensor, list[tuple[str, str]], torch.Tensor | None]:
+    """The text each pair of a batch is trained with: its caption, a noun prompt or a one-noun fragment.
+
+    Args:
+        caption_ids: [B, L] the batch's caption ids; ``captions`` their texts.
+        nouns_per_caption: the nouns each caption names.
+        form_token_ids: for each noun, the token-id sequences of its forms (what a fragment keeps).
+    Returns:
+        (input ids [B, L], texts as :func:`positive_pairs` reads them, bool [B, L] positions to blank or None).
+    """
+    input_ids = caption_ids
+    texts = [("caption", caption) for caption in captions]
+    if prompt_probability > 0:
+        prompts = noun_prompts(nouns_per_caption, generator)
+        use = torch.rand(len(caption_ids), generator=generator) < prompt_probability
+        rows = [row for row in range(len(caption_ids)) if use[row] and prompts[row] is not None]
+        if rows:
+            input_ids = input_ids.clone()
+            input_ids[rows] = tokenize_texts(tokenizer, [prompts[row][0] for row in rows])
+            for row in rows:
+                texts[row] = ("noun", prompts[row][1])
+    blank = None
+    if fragment_probability > 0:
+        use = torch.rand(len(caption_ids), generator=generator) < fragment_probability
+        rows = [row for row in range(len(caption_ids))
+                if use[row] and texts[row][0] == "caption" and nouns_per_caption[row]]
+        if rows:
+            nouns = [pick_noun(nouns_per_caption[row], generator) for row in rows]
+            blank = torch.zeros(input_ids.shape, dtype=torch.bool)
+            blank[rows] = fragment_blank_positions(input_ids[rows], [form_token_ids[noun] for noun in nouns])
+            for row, noun in zip(rows, nouns):
+                texts[row] = ("noun", noun)
+    return input_ids, texts, blank
+
+
 def learning_rate_factor(step: int, steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -322,29 +366,12 @@ def pretrain_clip(
                 order, cursor = torch.randperm(len(captions), generator=generator), 0
             batch = order[cursor : cursor + batch_size]
             cursor += batch_size
-            input_ids = caption_ids[batch]
             batch_captions = [captions[i] for i in batch.tolist()]
             batch_nouns = [nouns_per_caption[i] for i in batch.tolist()]
-            texts = [("caption", caption) for caption in batch_captions]
-            if prompt_probability > 0:
-                prompts = noun_prompts(batch_nouns, generator)
-                use = torch.rand(len(batch), generator=generator) < prompt_probability
-                rows = [row for row in range(len(batch)) if use[row] and prompts[row] is not None]
-                if rows:
-                    input_ids = input_ids.clone()
-                    input_ids[rows] = tokenize_texts(tokenizer, [prompts[row][0] for row in rows])
-                    for row in rows:
-                        texts[row] = ("noun", prompts[row][1])
-            blank[0] = None
-            if fragment_probability > 0:
-                use = torch.rand(len(batch), generator=generator) < fragment_probability
-                rows = [row for row in range(len(batch)) if use[row] and texts[row][0] == "caption" and batch_nouns[row]]
-                if rows:
-                    nouns = [pick_noun(batch_nouns[row], generator) for row in rows]
-                    blank[0] = torch.zeros(input_ids.shape, dtype=torch.bool)
-                    blank[0][rows] = fragment_blank_positions(input_ids[rows], [form_token_ids[noun] for noun in nouns])
-                    for row, noun in zip(rows, nouns):
-                        texts[row] = ("noun", noun)
+            input_ids, texts, blank[0] = choose_batch_texts(
+                caption_ids[batch], batch_captions, batch_nouns, tokenizer, generator,
+                prompt_probability, fragment_probability, form_token_ids,
+            )
             # The text tower is causal and pools at the end token: positions after the longest text
             # cannot change the result, so they are not computed.
             length = int((input_ids == tokenizer.eos_token_id).int().argmax(dim=1).max()) + 1

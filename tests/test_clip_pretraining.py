@@ -18,6 +18,7 @@ from modeling_code.clip_pretraining import (
     augment_images,
     blanked_word_embeddings,
     caption_nouns,
+    choose_batch_texts,
     fragment_blank_positions,
     images_to_tensor,
     learning_rate_factor,
@@ -149,6 +150,40 @@ def test_fragment_blanks_every_word_but_the_noun(tiny_tokenizer):
         assert blank[row, 1 : 1 + len(words)].tolist() == [token not in kept for token in words]
     words = tiny_tokenizer(captions[0], add_special_tokens=False)["input_ids"]
     assert (~blank[0, 1 : 1 + len(words)]).sum() == len(circle_forms[0]) + len(circle_forms[1])  # both forms kept
+
+
+def test_batch_texts_are_captions_prompts_or_fragments(tiny_tokenizer):
+    captions = ["two red circles on the grass.", "a star in the sky.", "nothing named here."]
+    nouns = [{"circle", "grass"}, {"star", "sky"}, set()]
+    ids = tokenize_texts(tiny_tokenizer, captions)
+    forms = {noun: tiny_tokenizer([noun, noun + "s"], add_special_tokens=False)["input_ids"]
+             for noun in ("circle", "grass", "star", "sky")}
+
+    def choose(prompt_probability, fragment_probability):
+        generator = torch.Generator().manual_seed(0)
+        return choose_batch_texts(ids, captions, nouns, tiny_tokenizer, generator,
+                                  prompt_probability, fragment_probability, forms)
+
+    input_ids, texts, blank = choose(0.0, 0.0)
+    assert torch.equal(input_ids, ids) and blank is None
+    assert texts == [("caption", caption) for caption in captions]
+
+    # Every caption that names a noun becomes a fragment of it: same ids, every other word blanked.
+    input_ids, texts, blank = choose(0.0, 1.0)
+    assert torch.equal(input_ids, ids) and texts[2] == ("caption", captions[2]) and not blank[2].any()
+    for row in (0, 1):
+        kind, noun = texts[row]
+        assert kind == "noun" and noun in nouns[row]
+        assert torch.equal(blank[row], fragment_blank_positions(ids[row : row + 1], [forms[noun]])[0])
+
+    # Prompts replace the ids; a row already prompted is never also a fragment.
+    input_ids, texts, blank = choose(1.0, 1.0)
+    assert blank is None and texts[2] == ("caption", captions[2])
+    for row in (0, 1):
+        kind, noun = texts[row]
+        assert kind == "noun" and noun in nouns[row]
+        prompt = tiny_tokenizer.decode(input_ids[row][input_ids[row] > 0][1:-1])
+        assert noun in prompt and prompt != captions[row]
 
 
 def test_pretraining_on_fragments_learns_and_leaves_no_hook(tiny_world, tiny_tokenizer):
