@@ -105,6 +105,15 @@ def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_code_model"), tiny_clip_dir, tiny_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def quick_toy_run(tmp_path_factory):
+    """The toy pipeline run in miniature once per session: (output directory, its summary). Read-only for tests."""
+    from modeling_code.toy_pipeline import ToyPipelineSettings, run_toy_world
+
+    output_dir = tmp_path_factory.mktemp("quick_toy_run")
+    return output_dir, run_toy_world(ToyPipelineSettings.quick(str(output_dir)))
+
+
 def launch_two_processes(script_and_arguments: list[str], attempts: int = 3) -> subprocess.CompletedProcess:
     """``accelerate launch`` two CPU processes (gloo) on a free port; another attempt if that port was taken.
 

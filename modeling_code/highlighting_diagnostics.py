@@ -1,0 +1,129 @@
+"""What a trained CoDe model's highlighting matches, measured on captioned images with known class maps.
+
+The toy world's README explains why full CoDe trails the TCL-only ablation there with two measurements, both
+made by :func:`diagnose_highlighting`:
+
+- **word masks**: the mean word-mask value on the noun's own tokens, on the other nouns' tokens and on the
+  remaining words, i.e. how much of the caption a highlighted caption still carries;
+- **what the frozen CLIP matches**: the mean cosine of a highlighted caption (HCL's text side) and of a prompted
+  noun (``tcl_image``'s text side) with the noun's true region highlighted on the learnable background, and with
+  the whole image; separately for thing and stuff nouns.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .modeling_code import CoDeModel
+from .processing_code import CoDeProcessor
+from .text_decomposition import NotEnoughNounsError
+
+
+@dataclass
+class HighlightingDiagnosis:
+    """Means over every sampled noun of the measured images.
+
+    ``word_mask``: keys ``noun``, ``other_nouns``, ``other_words``. ``highlighted_caption`` and
+    ``prompted_noun``: ``{"things" | "stuff": {"region": cosine, "whole_image": cosine}}``.
+    """
+
+    rows: int
+    word_mask: dict[str, float]
+    highlighted_caption: dict[str, dict[str, float]]
+    prompted_noun: dict[str, dict[str, float]]
+
+
+def _unaugmented(processor: CoDeProcessor, image: Image.Image, label: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image normalised at the training crop size [3, S, S] and its class map resized alike [S, S] (no crop, no flip)."""
+    size = processor.image_processor.train_crop_size
+    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    mean = np.asarray(processor.image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(processor.image_processor.image_std, dtype=np.float32)
+    pixel_values = torch.from_numpy((pixels - mean) / std).permute(2, 0, 1)
+    classes = torch.from_numpy(np.asarray(label.resize((size, size), Image.NEAREST), dtype=np.int64))
+    return pixel_values, classes
+
+
+def _noun_text(processor: CoDeProcessor, ids: torch.Tensor) -> str:
+    """The noun a [L] noun-id row spells: the tokens between start and end (padding is id 0, a real token)."""
+    end = int((ids == processor.tokenizer.eos_token_id).nonzero()[0])
+    return processor.tokenizer.decode(ids[1:end]).strip()
+
+
+@torch.no_grad()
+def diagnose_highlighting(
+    model: CoDeModel,
+    processor: CoDeProcessor,
+    samples: Iterable[Mapping],
+    class_names: Sequence[str],
+    noun_classes: Mapping[str, str],
+    thing_classes: Iterable[str],
+    seed: int = 0,
+) -> HighlightingDiagnosis:
+    """Measure word masks and what the frozen CLIP matches highlighted captions and nouns with.
+
+    Args:
+        samples: mappings with ``image`` (PIL), ``caption`` and ``label`` (PIL class map, pixel value = index
+            into ``class_names``); captions with fewer than K nouns are left out.
+        noun_classes: caption noun -> class name ("circles" -> "circle").
+        thing_classes: the class names counted as things; every other class is stuff.
+        seed: seeds the nouns sampled per caption.
+    """
+    rng = random.Random(seed)
+    prepared, nouns, class_maps = [], [], []
+    for sample in samples:
+        try:
+            example = processor.prepare_training_sample(sample["image"], sample["caption"], rng)
+        except NotEnoughNounsError:
+            continue
+        example["pixel_values"], classes = _unaugmented(processor, sample["image"], sample["label"])
+        prepared.append(example)
+        class_maps.append(classes)
+        nouns.append([_noun_text(processor, ids) for ids in example["noun_input_ids"]])
+    if not prepared:
+        raise ValueError("no sample's caption names enough nouns to measure")
+    batch = processor.collate_training(prepared)
+    num_images, num_words = len(prepared), len(nouns[0])
+    rows = [(image, word) for word in range(num_words) for image in range(num_images)]  # noun-major, as in training
+    row_classes = [noun_classes[nouns[image][word]] for image, word in rows]
+    regions = torch.stack([(class_maps[image] == class_names.index(name)).float()
+                           for (image, _), name in zip(rows, row_classes)])
+    is_thing = torch.tensor([name in set(thing_classes) for name in row_classes])
+
+    model.eval()
+    noun_embeddings = model.encode_nouns(batch["noun_input_ids"])
+    text_logits, highlighted = model._highlight_words(batch["caption_input_ids"], noun_embeddings, num_words)
+    pixel_values = batch["pixel_values"]
+    views = {
+        "region": model._highlight_regions(pixel_values, regions, num_words),
+        "whole_image": model._highlight_regions(pixel_values, torch.ones_like(regions), num_words),
+    }
+
+    word_masks = text_logits.softmax(1)[:, 1:]  # [B, K, L]
+    labels = batch["text_labels"]
+    eos = model.eos_positions(batch["caption_input_ids"])
+    inside = (torch.arange(labels.shape[1])[None] > 0) & (torch.arange(labels.shape[1])[None] < eos[:, None])
+    kinds = {"noun": [], "other_nouns": [], "other_words": []}
+    for word in range(num_words):
+        masks = word_masks[:, word]
+        kinds["noun"].append(masks[inside & (labels == word + 1)])
+        kinds["other_nouns"].append(masks[inside & (labels >= 0) & (labels != word + 1)])
+        kinds["other_words"].append(masks[inside & (labels < 0)])
+
+    def cosines(texts: torch.Tensor) -> dict[str, dict[str, float]]:
+        return {group: {view: float((texts * embeddings).sum(-1)[rows_of_group].mean())
+                        for view, embeddings in views.items()}
+                for group, rows_of_group in (("things", is_thing), ("stuff", ~is_thing)) if rows_of_group.any()}
+
+    return HighlightingDiagnosis(
+        rows=len(rows),
+        word_mask={kind: float(torch.cat(values).mean()) for kind, values in kinds.items() if torch.cat(values).numel()},
+        highlighted_caption=cosines(highlighted),
+        prompted_noun=cosines(noun_embeddings),
+    )
