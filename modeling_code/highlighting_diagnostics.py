@@ -56,6 +56,52 @@ def _noun_text(processor: CoDeProcessor, ids: torch.Tensor) -> str:
     return processor.tokenizer.decode(ids[1:end]).strip()
 
 
+def _prepare_batch(
+    processor: CoDeProcessor, samples: Iterable[Mapping], seed: int
+) -> tuple[dict[str, torch.Tensor], list[list[str]], list[torch.Tensor]]:
+    """Training batch of the usable samples (unaugmented), each sample's K sampled nouns and its class map [S, S]."""
+    rng = random.Random(seed)
+    prepared, nouns, class_maps = [], [], []
+    for sample in samples:
+        try:
+            example = processor.prepare_training_sample(sample["image"], sample["caption"], rng)
+        except NotEnoughNounsError:
+            continue
+        example["pixel_values"], classes = _unaugmented(processor, sample["image"], sample["label"])
+        prepared.append(example)
+        class_maps.append(classes)
+        nouns.append([_noun_text(processor, ids) for ids in example["noun_input_ids"]])
+    if not prepared:
+        raise ValueError("no sample's caption names enough nouns to measure")
+    return processor.collate_training(prepared), nouns, class_maps
+
+
+def _word_mask_shares(word_masks: torch.Tensor, text_labels: torch.Tensor, eos_index: torch.Tensor) -> dict[str, float]:
+    """Mean word mask on the noun's tokens, the other nouns' and the other words' (start, end, padding left out).
+
+    word_masks [B, K, L]; text_labels [B, L] (-1 no noun, 0 an unsampled noun, k the k-th sampled one); eos_index [B].
+    """
+    positions = torch.arange(text_labels.shape[1])[None]
+    inside = (positions > 0) & (positions < eos_index[:, None])
+    kinds: dict[str, list[torch.Tensor]] = {"noun": [], "other_nouns": [], "other_words": []}
+    for word in range(word_masks.shape[1]):
+        masks = word_masks[:, word]
+        kinds["noun"].append(masks[inside & (text_labels == word + 1)])
+        kinds["other_nouns"].append(masks[inside & (text_labels >= 0) & (text_labels != word + 1)])
+        kinds["other_words"].append(masks[inside & (text_labels < 0)])
+    values = {kind: torch.cat(parts) for kind, parts in kinds.items()}
+    return {kind: float(value.mean()) for kind, value in values.items() if value.numel()}
+
+
+def _mean_cosines(
+    texts: torch.Tensor, views: Mapping[str, torch.Tensor], is_thing: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Mean cosine of row-aligned text and image embeddings [N, C], per noun group and image view."""
+    groups = {"things": is_thing, "stuff": ~is_thing}
+    return {group: {view: float((texts * images).sum(-1)[rows].mean()) for view, images in views.items()}
+            for group, rows in groups.items() if rows.any()}
+
+
 @torch.no_grad()
 def diagnose_highlighting(
     model: CoDeModel,
@@ -75,26 +121,14 @@ def diagnose_highlighting(
         thing_classes: the class names counted as things; every other class is stuff.
         seed: seeds the nouns sampled per caption.
     """
-    rng = random.Random(seed)
-    prepared, nouns, class_maps = [], [], []
-    for sample in samples:
-        try:
-            example = processor.prepare_training_sample(sample["image"], sample["caption"], rng)
-        except NotEnoughNounsError:
-            continue
-        example["pixel_values"], classes = _unaugmented(processor, sample["image"], sample["label"])
-        prepared.append(example)
-        class_maps.append(classes)
-        nouns.append([_noun_text(processor, ids) for ids in example["noun_input_ids"]])
-    if not prepared:
-        raise ValueError("no sample's caption names enough nouns to measure")
-    batch = processor.collate_training(prepared)
-    num_images, num_words = len(prepared), len(nouns[0])
+    batch, nouns, class_maps = _prepare_batch(processor, samples, seed)
+    num_images, num_words = len(nouns), len(nouns[0])
     rows = [(image, word) for word in range(num_words) for image in range(num_images)]  # noun-major, as in training
     row_classes = [noun_classes[nouns[image][word]] for image, word in rows]
     regions = torch.stack([(class_maps[image] == class_names.index(name)).float()
-                           for (image, _), name in zip(rows, row_classes)])
-    is_thing = torch.tensor([name in set(thing_classes) for name in row_classes])
+                           for (image, _), name in zip(rows, row_classes)])  # [N, S, S]
+    things = set(thing_classes)
+    is_thing = torch.tensor([name in things for name in row_classes])
 
     model.eval()
     noun_embeddings = model.encode_nouns(batch["noun_input_ids"])
@@ -104,26 +138,10 @@ def diagnose_highlighting(
         "region": model._highlight_regions(pixel_values, regions, num_words),
         "whole_image": model._highlight_regions(pixel_values, torch.ones_like(regions), num_words),
     }
-
-    word_masks = text_logits.softmax(1)[:, 1:]  # [B, K, L]
-    labels = batch["text_labels"]
-    eos = model.eos_positions(batch["caption_input_ids"])
-    inside = (torch.arange(labels.shape[1])[None] > 0) & (torch.arange(labels.shape[1])[None] < eos[:, None])
-    kinds = {"noun": [], "other_nouns": [], "other_words": []}
-    for word in range(num_words):
-        masks = word_masks[:, word]
-        kinds["noun"].append(masks[inside & (labels == word + 1)])
-        kinds["other_nouns"].append(masks[inside & (labels >= 0) & (labels != word + 1)])
-        kinds["other_words"].append(masks[inside & (labels < 0)])
-
-    def cosines(texts: torch.Tensor) -> dict[str, dict[str, float]]:
-        return {group: {view: float((texts * embeddings).sum(-1)[rows_of_group].mean())
-                        for view, embeddings in views.items()}
-                for group, rows_of_group in (("things", is_thing), ("stuff", ~is_thing)) if rows_of_group.any()}
-
+    eos_index = model.eos_positions(batch["caption_input_ids"])
     return HighlightingDiagnosis(
         rows=len(rows),
-        word_mask={kind: float(torch.cat(values).mean()) for kind, values in kinds.items() if torch.cat(values).numel()},
-        highlighted_caption=cosines(highlighted),
-        prompted_noun=cosines(noun_embeddings),
+        word_mask=_word_mask_shares(text_logits.softmax(1)[:, 1:], batch["text_labels"], eos_index),
+        highlighted_caption=_mean_cosines(highlighted, views, is_thing),
+        prompted_noun=_mean_cosines(noun_embeddings, views, is_thing),
     )
