@@ -264,6 +264,7 @@ def main(data_dir, out_dir, use_accelerator):
         processes = 1 if accelerator is None else accelerator.num_processes
         write_outputs(results, out_dir, settings={{"num_processes": processes}}, model_name="fake")
     if accelerator is not None:
+        accelerator.wait_for_everyone()  # no rank tears the group down while the other still uses it
         accelerator.end_training()
 
 

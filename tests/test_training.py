@@ -191,6 +191,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
         core = accelerator.unwrap_model(model)
         trained = {n: p.detach().tolist() for n, p in core.named_parameters() if not n.startswith("clip.")}
         json.dump({"terms": terms, "parameters": trained, "processes": accelerator.num_processes}, open(out, "w"))
+    accelerator.wait_for_everyone()  # no rank tears the group down while the other still uses it
     accelerator.end_training()  # destroys the process group before exit (gloo's threads otherwise abort)
     """
 )
