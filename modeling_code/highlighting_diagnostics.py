@@ -40,28 +40,24 @@ class HighlightingDiagnosis:
 
 
 def _unaugmented(processor: CoDeProcessor, image: Image.Image, label: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image normalised at the training crop size [3, S, S] and its class map resized alike [S, S] (no crop, no flip)."""
-    size = processor.image_processor.train_crop_size
-    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    mean = np.asarray(processor.image_processor.image_mean, dtype=np.float32)
-    std = np.asarray(processor.image_processor.image_std, dtype=np.float32)
-    pixel_values = torch.from_numpy((pixels - mean) / std).permute(2, 0, 1)
-    classes = torch.from_numpy(np.asarray(label.resize((size, size), Image.NEAREST), dtype=np.int64))
+    """Image at the training crop size, normalised as in training [3, S, S], and its class map resized alike [S, S].
+
+    No crop and no flip, so that the class map stays aligned with the pixels.
+    """
+    image_processor = processor.image_processor
+    size = (image_processor.train_crop_size, image_processor.train_crop_size)
+    rgb = image_processor.load_image(image).resize(size, resample=image_processor.resample)
+    pixel_values = image_processor._normalise(image_processor._levels(rgb) / 255.0)
+    classes = torch.from_numpy(np.asarray(label.resize(size, Image.NEAREST), dtype=np.int64))
     return pixel_values, classes
-
-
-def _noun_text(processor: CoDeProcessor, ids: torch.Tensor) -> str:
-    """The noun a [L] noun-id row spells: the tokens between start and end (padding is id 0, a real token)."""
-    end = int((ids == processor.tokenizer.eos_token_id).nonzero()[0])
-    return processor.tokenizer.decode(ids[1:end]).strip()
 
 
 def _prepare_batch(
     processor: CoDeProcessor, samples: Iterable[Mapping], seed: int
-) -> tuple[dict[str, torch.Tensor], list[list[str]], list[torch.Tensor]]:
-    """Training batch of the usable samples (unaugmented), each sample's K sampled nouns and its class map [S, S]."""
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Training batch of the usable samples (unaugmented) and each usable sample's class map [S, S]."""
     rng = random.Random(seed)
-    prepared, nouns, class_maps = [], [], []
+    prepared, class_maps = [], []
     for sample in samples:
         try:
             example = processor.prepare_training_sample(sample["image"], sample["caption"], rng)
@@ -70,10 +66,9 @@ def _prepare_batch(
         example["pixel_values"], classes = _unaugmented(processor, sample["image"], sample["label"])
         prepared.append(example)
         class_maps.append(classes)
-        nouns.append([_noun_text(processor, ids) for ids in example["noun_input_ids"]])
     if not prepared:
         raise ValueError("no sample's caption names enough nouns to measure")
-    return processor.collate_training(prepared), nouns, class_maps
+    return processor.collate_training(prepared), class_maps
 
 
 def _word_mask_shares(word_masks: torch.Tensor, text_labels: torch.Tensor, eos_index: torch.Tensor) -> dict[str, float]:
@@ -121,17 +116,19 @@ def diagnose_highlighting(
         thing_classes: the class names counted as things; every other class is stuff.
         seed: seeds the nouns sampled per caption.
     """
-    batch, nouns, class_maps = _prepare_batch(processor, samples, seed)
-    num_images, num_words = len(nouns), len(nouns[0])
-    rows = [(image, word) for word in range(num_words) for image in range(num_images)]  # noun-major, as in training
-    row_classes = [noun_classes[nouns[image][word]] for image, word in rows]
-    regions = torch.stack([(class_maps[image] == class_names.index(name)).float()
-                           for (image, _), name in zip(rows, row_classes)])  # [N, S, S]
+    batch, class_maps = _prepare_batch(processor, samples, seed)
+    noun_ids = batch["noun_input_ids"]  # [N, L], noun-major: row n is a noun of image n % B
+    num_images = len(class_maps)
+    num_words = len(noun_ids) // num_images
+    row_classes = [noun_classes[processor.tokenizer.decode(ids[1:end]).strip()]
+                   for ids, end in zip(noun_ids, model.eos_positions(noun_ids).tolist())]
+    regions = torch.stack([(class_maps[row % num_images] == class_names.index(name)).float()
+                           for row, name in enumerate(row_classes)])  # [N, S, S]
     things = set(thing_classes)
     is_thing = torch.tensor([name in things for name in row_classes])
 
     model.eval()
-    noun_embeddings = model.encode_nouns(batch["noun_input_ids"])
+    noun_embeddings = model.encode_nouns(noun_ids)
     text_logits, highlighted = model._highlight_words(batch["caption_input_ids"], noun_embeddings, num_words)
     pixel_values = batch["pixel_values"]
     views = {
@@ -140,7 +137,7 @@ def diagnose_highlighting(
     }
     eos_index = model.eos_positions(batch["caption_input_ids"])
     return HighlightingDiagnosis(
-        rows=len(rows),
+        rows=len(row_classes),
         word_mask=_word_mask_shares(text_logits.softmax(1)[:, 1:], batch["text_labels"], eos_index),
         highlighted_caption=_mean_cosines(highlighted, views, is_thing),
         prompted_noun=_mean_cosines(noun_embeddings, views, is_thing),
