@@ -1,25 +1,29 @@
-"""What a trained CoDe model's highlighting matches, measured on captioned images with known class maps.
+"""What a trained CoDe model's highlighting matches and how selective its masks are, on labelled images.
 
-The toy world's README explains why full CoDe trails the TCL-only ablation there with two measurements, both
-made by :func:`diagnose_highlighting`:
+The toy world's README explains why full CoDe trails the TCL-only ablation there with two measurements of the
+training signals, both made by :func:`diagnose_highlighting`:
 
 - **word masks**: the mean word-mask value on the noun's own tokens, on the other nouns' tokens and on the
   remaining words, i.e. how much of the caption a highlighted caption still carries;
 - **what the frozen CLIP matches**: the mean cosine of a highlighted caption (HCL's text side) and of a prompted
   noun (``tcl_image``'s text side) with the noun's true region highlighted on the learnable background, and with
   the whole image; separately for thing and stuff nouns.
+
+A third, :func:`measure_mask_selectivity`, looks at the result rather than the training signals: on each true
+region, how high the masker scores the region's own class and how high its best rival classes.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .inference import encode_vocabulary, segment_window_scores
 from .modeling_code import CoDeModel
 from .processing_code import CoDeProcessor
 from .text_decomposition import NotEnoughNounsError
@@ -142,3 +146,75 @@ def diagnose_highlighting(
         highlighted_caption=_mean_cosines(highlighted, views, is_thing),
         prompted_noun=_mean_cosines(noun_embeddings, views, is_thing),
     )
+
+
+@dataclass
+class MaskSelectivity:
+    """Masker scores on true regions, averaged over every region of the measured images.
+
+    ``scores``: ``{"things" | "stuff": {"own": ..., "best_other_thing": ..., "best_stuff": ...}}``, the region's
+    pixels' score for the region's own class and the highest score of any other thing class and of any other
+    stuff class (per pixel, then averaged); a key is left out when its group has no region or no rival class.
+    """
+
+    regions: int
+    scores: dict[str, dict[str, float]]
+
+
+@torch.no_grad()
+def measure_mask_selectivity(
+    model: CoDeModel,
+    processor: CoDeProcessor,
+    samples: Iterable[Mapping],
+    class_names: Sequence[str],
+    thing_classes: Iterable[str],
+) -> MaskSelectivity:
+    """How selective the masker's class masks are on images with known class maps.
+
+    The masker alone is measured (no PAMR, no KP branch): a trained model segments well where its own class's
+    score is high and every rival's low.
+
+    Args:
+        samples: mappings with ``image`` (PIL) and ``label`` (PIL class map, pixel value = index into
+            ``class_names``; other values are ignored).
+        thing_classes: the class names counted as things; every other class is stuff.
+    """
+    vocabulary = encode_vocabulary(model, processor, class_names, with_kp_embeddings=False)
+    if vocabulary.class_names != tuple(class_names) or vocabulary.background_index is not None:
+        raise ValueError(f"class_names must be distinct, trimmed names without 'background', got {list(class_names)}")
+    things = set(thing_classes)
+    is_thing = torch.tensor([name in things for name in class_names])
+    values: dict[str, dict[str, list[float]]] = {"things": {}, "stuff": {}}
+    model.eval()
+    for sample in samples:
+        pixel_values, classes = _unaugmented(processor, sample["image"], sample["label"])
+        scores = segment_window_scores(model, pixel_values[None], vocabulary, use_pamr=False, kp_weight=0.0)[0]
+        for group, name, value in _region_scores(scores, classes, is_thing):
+            values[group].setdefault(name, []).append(value)
+    regions = len(values["things"].get("own", [])) + len(values["stuff"].get("own", []))
+    if not regions:
+        raise ValueError("no labelled pixel of any class in the samples")
+    return MaskSelectivity(
+        regions=regions,
+        scores={group: {name: float(np.mean(found)) for name, found in kinds.items()}
+                for group, kinds in values.items() if kinds},
+    )
+
+
+def _region_scores(
+    scores: torch.Tensor, classes: torch.Tensor, is_thing: torch.Tensor
+) -> Iterator[tuple[str, str, float]]:
+    """(group, measure, value) for each true region of one image: its own class's mean score and its best rivals'.
+
+    scores [N_cls, H, W]; classes [H, W] class ids (values outside [0, N_cls) ignored); is_thing [N_cls] bool.
+    """
+    for class_id in classes.unique().tolist():
+        if not 0 <= class_id < len(is_thing):
+            continue
+        region = scores[:, classes == class_id]  # [N_cls, pixels]
+        others = torch.arange(len(is_thing)) != class_id
+        group = "things" if is_thing[class_id] else "stuff"
+        yield group, "own", float(region[class_id].mean())
+        for name, rivals in (("best_other_thing", others & is_thing), ("best_stuff", others & ~is_thing)):
+            if rivals.any():
+                yield group, name, float(region[rivals].max(0).values.mean())

@@ -1,4 +1,4 @@
-"""Highlighting diagnostics on the miniature toy run: bookkeeping of rows, word masks and cosines; the script."""
+"""Highlighting diagnostics on the miniature toy run: rows, word masks, cosines, mask selectivity; the script."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from modeling_code import CoDeModel, CoDeProcessor
-from modeling_code.highlighting_diagnostics import diagnose_highlighting
+from modeling_code.highlighting_diagnostics import (
+    _region_scores,
+    diagnose_highlighting,
+    measure_mask_selectivity,
+)
 from modeling_code.toy_world import TOY_CLASSES, TOY_THINGS, toy_noun_forms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +70,59 @@ def test_no_usable_caption_is_an_error(toy_model_and_samples):
         diagnose_highlighting(model, processor, one_noun, TOY_CLASSES, toy_noun_forms(), TOY_THINGS)
 
 
+def assert_scores(found, expected):
+    found, expected = sorted(found), sorted(expected)
+    assert [entry[:2] for entry in found] == [entry[:2] for entry in expected]
+    assert [entry[2] for entry in found] == pytest.approx([entry[2] for entry in expected])
+
+
+def test_region_scores_of_a_perfect_and_a_confused_masker():
+    classes = torch.tensor([[0, 0, 2], [1, 2, 2], [255, 2, 2]])  # things 0, 1 and stuff 2 present; 255 unlabelled
+    is_thing = torch.tensor([True, True, False, False])
+    perfect = torch.zeros(4, 3, 3)
+    for class_id in range(3):
+        perfect[class_id][classes == class_id] = 1.0
+    assert_scores(_region_scores(perfect, classes, is_thing), [
+        (group, name, value) for group in ("things", "things", "stuff")
+        for name, value in (("own", 1.0), ("best_other_thing", 0.0), ("best_stuff", 0.0))
+    ])
+    confused = torch.zeros(4, 3, 3)
+    confused[0][classes == 0] = 0.25
+    confused[1][classes == 0] = 0.75  # thing 1 claims thing 0's pixels
+    confused[1][classes == 1] = 0.5
+    confused[3][classes == 1] = 1.0  # stuff 3, absent, claims thing 1
+    confused[2][classes == 2] = 0.5
+    confused[0][classes == 2] = 0.25  # on the stuff the best rival thing is thing 0 (0.25) ...
+    confused[1][(classes == 2) & (torch.arange(3)[:, None] == 2)] = 0.5  # ... or, on the bottom row, thing 1
+    assert_scores(_region_scores(confused, classes, is_thing), [
+        ("things", "own", 0.25), ("things", "best_other_thing", 0.75), ("things", "best_stuff", 0.0),
+        ("things", "own", 0.5), ("things", "best_other_thing", 0.0), ("things", "best_stuff", 1.0),
+        ("stuff", "own", 0.5), ("stuff", "best_other_thing", (0.25 * 3 + 0.5 * 2) / 5), ("stuff", "best_stuff", 0.0),
+    ])
+
+
+def test_mask_selectivity_of_a_constant_masker(toy_model_and_samples):
+    model, processor, samples = toy_model_and_samples
+    with torch.no_grad():
+        model.sim2mask.weight.fill_(0.0)  # every class scores sigmoid(bias) everywhere
+        model.sim2mask.bias.fill_(0.5)
+    selectivity = measure_mask_selectivity(model, processor, samples, TOY_CLASSES, TOY_THINGS)
+    assert selectivity.regions == sum(len(np.unique(np.asarray(label))) for label in samples["label"])
+    assert set(selectivity.scores) == {"things", "stuff"}
+    expected = torch.sigmoid(torch.tensor(0.5)).item()
+    for measures in selectivity.scores.values():
+        assert measures == pytest.approx({"own": expected, "best_other_thing": expected, "best_stuff": expected})
+
+
+def test_mask_selectivity_needs_plain_class_names_and_labels(toy_model_and_samples):
+    model, processor, samples = toy_model_and_samples
+    with pytest.raises(ValueError, match="without 'background'"):
+        measure_mask_selectivity(model, processor, samples, [*TOY_CLASSES, "background"], TOY_THINGS)
+    unlabelled = [{"image": samples[0]["image"], "label": Image.new("L", samples[0]["label"].size, 255)}]
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        measure_mask_selectivity(model, processor, unlabelled, TOY_CLASSES, TOY_THINGS)
+
+
 def test_script_prints_the_diagnosis(quick_toy_run):
     output_dir, _ = quick_toy_run
     result = subprocess.run(
@@ -72,4 +131,6 @@ def test_script_prints_the_diagnosis(quick_toy_run):
         capture_output=True, text=True, check=True,
     )
     printed = json.loads(result.stdout[result.stdout.index("{"):])
-    assert printed["rows"] > 0 and set(printed) == {"rows", "word_mask", "highlighted_caption", "prompted_noun"}
+    assert printed["rows"] > 0
+    assert set(printed) == {"rows", "word_mask", "highlighted_caption", "prompted_noun", "mask_selectivity"}
+    assert printed["mask_selectivity"]["regions"] > 0

@@ -1,4 +1,5 @@
-"""Word masks and what the frozen CLIP matches highlighted captions with, for a model trained on the toy world.
+"""Word masks, what the frozen CLIP matches highlighted captions with, and how selective the masker's class masks
+are, for a model trained on the toy world.
 
     python training/diagnose_highlighting.py --model outputs/toy_world/code_model \
         --world outputs/toy_world/world --num_samples 64
@@ -25,14 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     import datasets
 
     from modeling_code import CoDeModel, CoDeProcessor
-    from modeling_code.highlighting_diagnostics import diagnose_highlighting
+    from modeling_code.highlighting_diagnostics import diagnose_highlighting, measure_mask_selectivity
     from modeling_code.toy_world import TOY_CLASSES, TOY_THINGS, toy_noun_forms
 
     split = datasets.load_from_disk(args.world)[args.split]
     samples = split.select(range(min(args.num_samples, len(split))))
-    diagnosis = diagnose_highlighting(CoDeModel.from_pretrained(args.model), CoDeProcessor.from_pretrained(args.model),
-                                      samples, TOY_CLASSES, toy_noun_forms(), TOY_THINGS, seed=args.seed)
-    print(json.dumps(asdict(diagnosis), indent=2))
+    model, processor = CoDeModel.from_pretrained(args.model), CoDeProcessor.from_pretrained(args.model)
+    diagnosis = diagnose_highlighting(model, processor, samples, TOY_CLASSES, toy_noun_forms(), TOY_THINGS, seed=args.seed)
+    selectivity = measure_mask_selectivity(model, processor, samples, TOY_CLASSES, TOY_THINGS)
+    print(json.dumps({**asdict(diagnosis), "mask_selectivity": asdict(selectivity)}, indent=2))
 
 
 if __name__ == "__main__":
