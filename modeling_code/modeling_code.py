@@ -773,6 +773,17 @@ class CoDeModel(CoDePreTrainedModel):
         model.init_prompt_context(tokenizer)
         return model
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> CoDeModel:
+        """``PreTrainedModel.from_pretrained``, with the CLIP frozen again.
+
+        Loading replaces every parameter by a new one that requires grad, which would make the CLIP trainable
+        when training continues from a saved model (and count its gradients in the clipped norm).
+        """
+        model = super().from_pretrained(*args, **kwargs)
+        model.clip.requires_grad_(False)
+        return model
+
     @torch.no_grad()
     def copy_clip_into_masker(self) -> None:
         """Masker block copy <- CLIP's last vision block; masker projection <- CLIP's post-LN and projection."""

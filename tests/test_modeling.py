@@ -446,6 +446,14 @@ def test_save_and_auto_load_are_bit_identical(tiny_code_model, tiny_tokenizer, t
     assert torch.equal(a.masks, b.masks)
 
 
+def test_loaded_model_keeps_the_clip_frozen(tiny_code_model, tmp_path):
+    tiny_code_model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    trainable = {name for name, parameter in loaded.named_parameters() if parameter.requires_grad}
+    assert trainable == set(loaded.trainable_parameter_names())
+    assert not any(name.startswith("clip.") for name in trainable)
+
+
 def test_remote_code_loads_without_the_package(tiny_code_model, tmp_path):
     tiny_code_model.save_pretrained(tmp_path / "model")
     script = textwrap.dedent(
