@@ -381,7 +381,7 @@ def _object_phrase(rng: np.random.Generator, config: ToyWorldConfig, group: list
     if rng.random() >= config.omit_colour_probability:
         words.append(first["colour"])
     words.append(TOY_PLURALS[first["category"]] if len(group) > 1 else first["category"])
-    return " ".join(words)
+    return _with_article(words)
 
 
 def _join(phrases: list[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from itertools import pairwise
 
 import datasets
 import numpy as np
@@ -128,6 +129,16 @@ def test_captions_name_exactly_the_classes_in_the_mask(samples):
         }
         present = {TOY_CLASSES[class_id] for class_id in np.unique(sample["mask"])}
         assert nouns == present, sample["caption"]
+
+
+def test_articles_agree_with_the_next_word(samples):
+    pairs = []
+    for sample in samples:
+        words = sample["caption"].replace(",", " ").replace(".", " ").split()
+        pairs += list(pairwise(words))
+    assert all(not (article == "a" and word[0] in "aeiou") for article, word in pairs)
+    assert all(not (article == "an" and word[0] not in "aeiou") for article, word in pairs)
+    assert ("an", "arrow") in pairs  # an uncoloured arrow
 
 
 def test_captions_count_repeated_things(samples):
