@@ -10,6 +10,7 @@ C joint embedding width, W_v / W_t vision / text widths, L text positions, h x w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -638,7 +639,8 @@ class CoDeModelOutput(ModelOutput):
         loss: weighted sum of every term below.
         loss_*: each weighted loss term (already multiplied by its weight).
         positive_masks: [N, H', W'] soft masks of each row's own noun.
-        text_masks: [B, K, L] word-highlighting masks of the selected nouns.
+        text_masks: [B, K, L] word-highlighting masks of the selected nouns (None when both co-decomposition
+            terms are weighted 0, and so not computed).
     """
 
     loss: torch.Tensor | None = None
@@ -1060,29 +1062,35 @@ class CoDeModel(CoDePreTrainedModel):
         positive_logits = mask_logits[rows, rows + rank * num_rows]
         hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
-        # 5a. image side: mask-pooled features vs nouns, region highlighting
-        tcl_feature = self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings)
-        region_embeddings = self._highlight_regions(pixel_values, hard_positive_masks, num_words)
-        all_region_embeddings = gather_with_grad(region_embeddings)
-
+        # 5. the loss terms. A term weighted 0 is not computed, nor is a pass that only such terms need: the
+        # TCL-only ablation skips word highlighting and the highlighted captions.
+        # 5a. image side: mask-pooled features vs nouns, region highlighting (hard positive masks)
+        region_embeddings = functools.cache(
+            lambda: self._highlight_regions(pixel_values, hard_positive_masks, num_words)
+        )
         # 5b. text side: word highlighting and highlighted captions
-        text_logits, highlighted_text = self._highlight_words(caption_input_ids, noun_embeddings, num_words)
-
-        losses = {
-            "kg": 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
-            "tcl_feature": symmetric_infonce(tcl_feature),
-            "tcl_image": symmetric_infonce(
-                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings @ all_noun_embeddings.t()
+        highlighted_words = functools.cache(
+            lambda: self._highlight_words(caption_input_ids, noun_embeddings, num_words)
+        )
+        terms = {
+            "kg": lambda: 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
+            "tcl_feature": lambda: symmetric_infonce(
+                self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings)
             ),
-            "tv_image": total_variation(image_embeddings),
-            "tv_mask": total_variation(soft_masks),
-            "area_positive": (global_mean(soft_masks[positive]) - config.area_positive_prior).abs(),
-            "area_negative": (global_mean(soft_masks[~positive]) - config.area_negative_prior).abs()
+            "tcl_image": lambda: symmetric_infonce(
+                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings() @ all_noun_embeddings.t()
+            ),
+            "tv_image": lambda: total_variation(image_embeddings),
+            "tv_mask": lambda: total_variation(soft_masks),
+            "area_positive": lambda: (global_mean(soft_masks[positive]) - config.area_positive_prior).abs(),
+            "area_negative": lambda: (global_mean(soft_masks[~positive]) - config.area_negative_prior).abs()
             if (~positive).any()
             else soft_masks.new_zeros(()),
-            "text_segmentation": self._text_segmentation_loss(text_logits, text_labels),
-            "hcl": symmetric_infonce(
-                self._logit_scale(self.hcl_logit_scale) * highlighted_text @ all_region_embeddings.t()
+            "text_segmentation": lambda: self._text_segmentation_loss(highlighted_words()[0], text_labels),
+            "hcl": lambda: symmetric_infonce(
+                self._logit_scale(self.hcl_logit_scale)
+                * highlighted_words()[1]
+                @ gather_with_grad(region_embeddings()).t()
             ),
         }
         weights = {
@@ -1096,13 +1104,18 @@ class CoDeModel(CoDePreTrainedModel):
             "text_segmentation": config.loss_text_segmentation_weight,
             "hcl": config.loss_hcl_weight,
         }
-        weighted = {f"loss_{name}": weights[name] * value for name, value in losses.items()}
-        text_masks = text_logits.softmax(1)[:, 1:]
+        weighted = {
+            f"loss_{name}": weight * terms[name]() if weight else soft_masks.new_zeros(())
+            for name, weight in weights.items()
+        }
+        text_masks = None
+        if highlighted_words.cache_info().currsize:
+            text_masks = highlighted_words()[0].softmax(1)[:, 1:].detach()
         return CoDeModelOutput(
             loss=sum(weighted.values()),
             **weighted,
             positive_masks=soft_masks[positive].view(num_rows, *soft_masks.shape[2:]).detach(),
-            text_masks=text_masks.detach(),
+            text_masks=text_masks,
         )
 
     # ---------------------------------------------------------------- training helpers

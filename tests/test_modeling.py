@@ -345,6 +345,30 @@ def test_training_forward_shapes_and_losses(tiny_code_model, tiny_tokenizer):
     assert out.positive_masks.shape == (4, 16, 16) and out.text_masks.shape == (2, 2, 77)
 
 
+def test_terms_weighted_zero_are_skipped_with_the_passes_only_they_need(tiny_code_model, tiny_tokenizer, monkeypatch):
+    model = tiny_code_model.train()
+    batch = make_batch(tiny_tokenizer)
+    torch.manual_seed(0)
+    full = model(**batch)
+    monkeypatch.setattr(model.config, "loss_text_segmentation_weight", 0.0)
+    monkeypatch.setattr(model.config, "loss_hcl_weight", 0.0)
+
+    def no_word_highlighting(*args, **kwargs):
+        raise AssertionError("word highlighting ran for terms weighted 0")
+
+    monkeypatch.setattr(model, "_highlight_words", no_word_highlighting)
+    torch.manual_seed(0)  # the same Gumbel noise: the same hard masks
+    ablated = model(**batch)
+    assert float(ablated.loss_text_segmentation) == float(ablated.loss_hcl) == 0.0 and ablated.text_masks is None
+    kept = [name for name in full if name.startswith("loss_") and name not in ("loss_text_segmentation", "loss_hcl")]
+    for name in kept:
+        torch.testing.assert_close(ablated[name], full[name])
+    torch.testing.assert_close(ablated.loss, sum(ablated[name] for name in kept))
+    ablated.loss.backward()
+    assert all(p.grad is None for p in model.text_decoder.parameters())
+    assert model.text_background.grad is None and model.image_background.grad is not None  # tcl_image still runs
+
+
 def test_area_and_tv_losses_at_constant_masks(tiny_code_model, tiny_tokenizer):
     model = tiny_code_model
     with torch.no_grad():
