@@ -275,6 +275,40 @@ class MemoryLeanQuickGELU(nn.Module):
         return _QuickGELUFunction.apply(x)
 
 
+class PatchEmbeddingConv2d(nn.Conv2d):
+    """A convolution whose stride equals its kernel (a ViT patch embedding), computed as one matrix product of
+    the non-overlapping patches: the values of ``nn.Conv2d`` up to float rounding, with the same parameters.
+
+    Region highlighting backpropagates into the image through the frozen patch embedding; there the strided
+    convolution's input gradient costs about five times the matrix product's on a CPU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C_in, H, W] -> [B, C_out, H // k, W // k] (k the kernel size; trailing pixels dropped, as the
+        convolution does), a channels-last strided view."""
+        batch, channels = x.shape[:2]
+        kernel_height, kernel_width = self.kernel_size
+        height, width = x.shape[2] // kernel_height, x.shape[3] // kernel_width
+        patches = x[:, :, : height * kernel_height, : width * kernel_width]
+        patches = patches.reshape(batch, channels, height, kernel_height, width, kernel_width)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, height * width, -1)
+        out = F.linear(patches, self.weight.view(self.out_channels, -1), self.bias)
+        return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> PatchEmbeddingConv2d | nn.Conv2d:
+        """The same layer (its parameters shared) as a ``PatchEmbeddingConv2d``; any other convolution as it is."""
+        plain_patches = (
+            conv.stride == conv.kernel_size and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+        )
+        if not plain_patches or isinstance(conv, cls):
+            return conv
+        patch_conv = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         bias=conv.bias is not None, device="meta")
+        patch_conv.weight, patch_conv.bias = conv.weight, conv.bias
+        return patch_conv
+
+
 def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive [1, 1, length, length] mask hiding future positions."""
     mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
@@ -747,6 +781,8 @@ class CoDeModel(CoDePreTrainedModel):
         for module in self.modules():  # every CLIP-style MLP, frozen or not: same values, less saved for backward
             if isinstance(module, CLIPMLP) and isinstance(module.activation_fn, QuickGELUActivation):
                 module.activation_fn = MemoryLeanQuickGELU()
+        embeddings = self.clip.vision_model.embeddings
+        embeddings.patch_embedding = PatchEmbeddingConv2d.replacing(embeddings.patch_embedding)
         self.post_init()
         self.clip.requires_grad_(False)
         self.copy_clip_into_masker()

@@ -17,6 +17,7 @@ import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
 from modeling_code.modeling_code import (
     CoDeUpsampleBlock,
+    PatchEmbeddingConv2d,
     gumbel_sigmoid_straight_through,
     self_only_attention_block,
     symmetric_infonce,
@@ -508,6 +509,27 @@ def _activation_values_gradient_and_saved_count(activation, x: torch.Tensor, ups
         y = activation(x)
     (grad,) = torch.autograd.grad(y, x, upstream)
     return y, grad, len(set(saved))  # distinct tensors kept for backward
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution(bias):
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=bias)
+    patch_conv = PatchEmbeddingConv2d.replacing(conv)
+    assert isinstance(patch_conv, PatchEmbeddingConv2d) and patch_conv.weight is conv.weight
+    assert list(patch_conv.state_dict()) == list(conv.state_dict())
+    image = torch.randn(2, 3, 18, 17, requires_grad=True)  # trailing rows and columns are dropped, as by the conv
+    upstream = torch.randn(2, 8, 4, 4)
+    values = [layer(image) for layer in (patch_conv, conv)]
+    torch.testing.assert_close(values[0], values[1])
+    grads = [torch.autograd.grad(value, [image, conv.weight], upstream) for value in values]
+    for grad, plain_grad in zip(*grads):
+        torch.testing.assert_close(grad, plain_grad)
+    overlapping = torch.nn.Conv2d(3, 8, kernel_size=4, stride=2)
+    assert PatchEmbeddingConv2d.replacing(overlapping) is overlapping
+
+
+def test_the_frozen_clip_embeds_patches_with_a_matrix_product(tiny_code_model):
+    assert isinstance(tiny_code_model.clip.vision_model.embeddings.patch_embedding, PatchEmbeddingConv2d)
 
 
 def test_memory_lean_quick_gelu_matches_clip_and_saves_one_tensor(tiny_code_model):
