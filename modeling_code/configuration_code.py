@@ -47,6 +47,11 @@ class CoDeConfig(PreTrainedConfig):
             Clamp of the exponentiated logit scales.
         loss_*_weight (`float`):
             Weights of the training loss terms (spec §2.2).
+        exclude_same_noun_negatives (`bool`, defaults to False):
+            In the three contrastive terms (``tcl_feature``, ``tcl_image``, ``hcl``), leave out of each row's
+            negatives the other rows that name the same noun. The paper counts them as negatives, which is harmless
+            on web captions, whose nouns seldom repeat within a batch; in a world of a few classes nearly every
+            row has such false negatives.
         area_positive_prior / area_negative_prior (`float`, defaults to 0.25 / 0.0):
             Target mean area of positive and negative soft masks.
         text_segmentation_background_weight (`float`, defaults to 0.5):
@@ -103,6 +108,7 @@ class CoDeConfig(PreTrainedConfig):
     loss_area_negative_weight: float = 0.05
     loss_text_segmentation_weight: float = 1.0
     loss_hcl_weight: float = 0.5
+    exclude_same_noun_negatives: bool = False
     area_positive_prior: float = 0.25
     area_negative_prior: float = 0.0
     text_segmentation_background_weight: float = 0.5

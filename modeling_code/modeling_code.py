@@ -84,14 +84,17 @@ def global_mean(local_values: torch.Tensor) -> torch.Tensor:
     return world_size * mean - (world_size - 1) * mean.detach()
 
 
-def symmetric_infonce(local_logits: torch.Tensor) -> torch.Tensor:
+def symmetric_infonce(local_logits: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric cross-entropy of a [n, n * world] logit block whose positives lie on the global diagonal.
 
     Row i of this process is positive with column ``rank * n + i``. The column direction needs every process's
-    rows, so the block is gathered (with gradient) to the full [n * world, n * world] matrix.
+    rows, so the block is gathered (with gradient) to the full [n * world, n * world] matrix. ``excluded``
+    (bool, the block's shape, never true on the diagonal) removes pairs from both directions' negatives.
     """
     rank, _ = _world()
     num_rows = local_logits.shape[0]
+    if excluded is not None:
+        local_logits = local_logits.masked_fill(excluded, float("-inf"))
     targets = torch.arange(num_rows, device=local_logits.device) + rank * num_rows
     row_loss = F.cross_entropy(local_logits, targets)
     full_logits = gather_with_grad(local_logits)
@@ -1096,6 +1099,7 @@ class CoDeModel(CoDePreTrainedModel):
         positive = torch.zeros(soft_masks.shape[:2], dtype=torch.bool, device=soft_masks.device)
         positive[rows, rows + rank * num_rows] = True
         positive_logits = mask_logits[rows, rows + rank * num_rows]
+        excluded = self._same_noun_pairs(noun_input_ids, positive) if config.exclude_same_noun_negatives else None
         hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
         # 5. the loss terms. A term weighted 0 is not computed, nor is a pass that only such terms need: the
@@ -1111,10 +1115,11 @@ class CoDeModel(CoDePreTrainedModel):
         terms = {
             "kg": lambda: 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
             "tcl_feature": lambda: symmetric_infonce(
-                self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings)
+                self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings), excluded
             ),
             "tcl_image": lambda: symmetric_infonce(
-                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings() @ all_noun_embeddings.t()
+                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings() @ all_noun_embeddings.t(),
+                excluded,
             ),
             "tv_image": lambda: total_variation(image_embeddings),
             "tv_mask": lambda: total_variation(soft_masks),
@@ -1126,7 +1131,8 @@ class CoDeModel(CoDePreTrainedModel):
             "hcl": lambda: symmetric_infonce(
                 self._logit_scale(self.hcl_logit_scale)
                 * highlighted_words()[1]
-                @ gather_with_grad(region_embeddings()).t()
+                @ gather_with_grad(region_embeddings()).t(),
+                excluded,
             ),
         }
         weights = {
@@ -1157,6 +1163,15 @@ class CoDeModel(CoDePreTrainedModel):
     # ---------------------------------------------------------------- training helpers
     def _logit_scale(self, log_scale: torch.Tensor) -> torch.Tensor:
         return log_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    @staticmethod
+    def _same_noun_pairs(noun_input_ids: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Pairs of rows that name the same noun, positives left out: bool [N, N_global].
+
+        noun_input_ids [N, L] (this process's rows); positive [N, N_global] marks each row's own column.
+        """
+        all_noun_ids = gather_with_grad(noun_input_ids)
+        return (noun_input_ids[:, None] == all_noun_ids[None]).all(-1) & ~positive
 
     def _text_segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Class-weighted cross-entropy of logits [B, K + 1, L] vs labels [B, L] (-1 ignored).

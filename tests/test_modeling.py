@@ -282,6 +282,22 @@ def test_symmetric_infonce_and_total_variation():
     assert float(total_variation(torch.ones(3, 4, 4))) == 0.0
 
 
+def test_symmetric_infonce_leaves_excluded_pairs_out_of_both_directions():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 1.0, 0.3], [0.0, -0.2, 3.0]], requires_grad=True)
+    excluded = torch.zeros(3, 3, dtype=torch.bool)
+    excluded[0, 2] = excluded[2, 0] = True
+    loss = symmetric_infonce(logits, excluded)
+
+    def cross_entropy(values: torch.Tensor, target: int) -> torch.Tensor:
+        return F.cross_entropy(values[None], torch.tensor([target]))
+
+    rows = [cross_entropy(logits[0, :2], 0), cross_entropy(logits[1], 1), cross_entropy(logits[2, 1:], 1)]
+    columns = [cross_entropy(logits[:2, 0], 0), cross_entropy(logits[:, 1], 1), cross_entropy(logits[1:, 2], 1)]
+    torch.testing.assert_close(loss, (sum(rows) / 3 + sum(columns) / 3) / 2)
+    loss.backward()
+    assert logits.grad[0, 2] == logits.grad[2, 0] == 0 and (logits.grad.abs() > 0).sum() == 7
+
+
 def _storages_saved_for_backward(function, *inputs: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
@@ -368,6 +384,31 @@ def test_terms_weighted_zero_are_skipped_with_the_passes_only_they_need(tiny_cod
     ablated.loss.backward()
     assert all(p.grad is None for p in model.text_decoder.parameters())
     assert model.text_background.grad is None and model.image_background.grad is not None  # tcl_image still runs
+
+
+def test_same_noun_rows_are_left_out_of_the_contrastive_negatives(tiny_code_model, tiny_tokenizer, monkeypatch):
+    model = tiny_code_model.train()
+    batch = make_batch(tiny_tokenizer, batch_size=3)  # six distinct nouns: nothing to leave out
+    torch.manual_seed(0)
+    faithful = model(**batch)
+    monkeypatch.setattr(model.config, "exclude_same_noun_negatives", True)
+    torch.manual_seed(0)
+    excluding = model(**batch)
+    for name, value in faithful.items():
+        if name.startswith("loss"):
+            torch.testing.assert_close(excluding[name], value, msg=name)
+
+    batch["noun_input_ids"] = pad_token_ids(tiny_tokenizer, ["cat", "dog", "cat", "sofa", "car", "sofa"])
+    seen = []
+    plain = modeling_code.modeling_code.symmetric_infonce
+    monkeypatch.setattr(modeling_code.modeling_code, "symmetric_infonce",
+                        lambda logits, excluded=None: seen.append(excluded) or plain(logits, excluded))
+    model(**batch)
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    for first, second in ((0, 2), (3, 5)):
+        expected[first, second] = expected[second, first] = True
+    assert len(seen) == 3  # tcl_feature, tcl_image, hcl
+    assert all(torch.equal(excluded, expected) for excluded in seen)
 
 
 def test_area_and_tv_losses_at_constant_masks(tiny_code_model, tiny_tokenizer):

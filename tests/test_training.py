@@ -197,11 +197,21 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip_dir):
+@pytest.mark.parametrize(
+    ("captions", "extra_overrides"),
+    [
+        (CAPTIONS[:4], {}),
+        # each process holds a cat-and-sofa caption: same-noun pairs across processes are left out of the negatives
+        (["a red cat sitting on a green sofa", "a dog near a car", "a cat on the sofa", "a bird over the water"],
+         {"exclude_same_noun_negatives": True}),
+    ],
+    ids=["paper", "same_noun_pairs_excluded"],
+)
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip_dir, captions, extra_overrides):
     script = tmp_path / "step.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    captions = json.dumps(CAPTIONS[:4])
-    overrides = json.dumps(TINY_CODE_OVERRIDES)
+    captions = json.dumps(captions)
+    overrides = json.dumps({**TINY_CODE_OVERRIDES, **extra_overrides})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, str(script), str(tiny_clip_dir), str(tmp_path / "one.json"), captions,
                              overrides], env=env, capture_output=True, text=True, timeout=300)
