@@ -8,6 +8,7 @@ transformers' CLIP tokenizers pad with; the non-causal text decoder sees the pad
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -103,14 +104,25 @@ class CoDeProcessor(ProcessorMixin):
         self.noun_decomposer = NounDecomposer(spacy_model, num_words)
 
     @classmethod
-    def _get_arguments_from_pretrained(
-        cls, pretrained_model_name_or_path: Any, processor_dict: dict | None = None, **kwargs: Any
-    ) -> list[Any]:
-        # Load the two parts by their own classes, so no Auto* registration is needed (local or Hub code).
-        loading_kwargs = {key: kwargs[key] for key in SUB_PROCESSOR_LOADING_KWARGS if key in kwargs}
-        image_processor = CoDeImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading_kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **loading_kwargs)
-        return [image_processor, tokenizer]
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> CoDeProcessor:
+        """Load a saved processor: its two parts by their own classes, then its settings; ``kwargs`` override them.
+
+        The parts are loaded here rather than by transformers' sub-processor resolution, which changed across 5.x
+        releases (5.25 loads a remote-code image processor from a second copy of its module, whose class then fails
+        the type check of ``__init__``). No Auto* registration is needed, for local and Hub remote code alike.
+        """
+        loading_kwargs = {key: kwargs.pop(key) for key in SUB_PROCESSOR_LOADING_KWARGS if key in kwargs}
+        image_processor = kwargs.pop("image_processor", None) or CoDeImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, **loading_kwargs
+        )
+        tokenizer = kwargs.pop("tokenizer", None) or CLIPTokenizer.from_pretrained(
+            pretrained_model_name_or_path, **loading_kwargs
+        )
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **loading_kwargs)
+        settings = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+        # loader options such as trust_remote_code (from AutoProcessor) are not settings
+        values = {key: value for key, value in {**processor_dict, **kwargs}.items() if key in settings}
+        return cls(image_processor, tokenizer, **values)
 
     # ----------------------------------------------------------------------------------- text
 
