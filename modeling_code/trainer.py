@@ -299,6 +299,10 @@ def train(config: TrainingConfig, resume_from_checkpoint: str | None = None) -> 
             from .publishing import publish
 
             publish(output_dir, config.hub.hub_model_id, private=config.hub.private)
+    # The DDP wrapper holds the process group: released first, the group dies here rather than at interpreter exit,
+    # where gloo aborts a rank now and then ("terminate called without an active exception").
+    del model, optimizer
+    accelerator.free_memory()
     accelerator.end_training()
     return output_dir
 

@@ -192,7 +192,9 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
         trained = {n: p.detach().tolist() for n, p in core.named_parameters() if not n.startswith("clip.")}
         json.dump({"terms": terms, "parameters": trained, "processes": accelerator.num_processes}, open(out, "w"))
     accelerator.wait_for_everyone()  # no rank tears the group down while the other still uses it
-    accelerator.end_training()  # destroys the process group before exit (gloo's threads otherwise abort)
+    del model, optimizer  # the DDP wrapper holds the process group (see trainer.train's end)
+    accelerator.free_memory()
+    accelerator.end_training()
     """
 )
 
