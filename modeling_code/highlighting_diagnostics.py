@@ -1,6 +1,7 @@
 """What a trained CoDe model's highlighting matches and how selective its masks are, on labelled images.
 
-The toy world's README explains why full CoDe trails the TCL-only ablation there with two measurements of the
+The toy world's README explains with these figures why, with the paper's loss, full CoDe trailed the TCL-only
+ablation there, and what leaving same-noun rows out of the contrastive negatives changes. Two measurements of the
 training signals, both made by :func:`diagnose_highlighting`:
 
 - **word masks**: the mean word-mask value on the noun's own tokens, on the other nouns' tokens and on the

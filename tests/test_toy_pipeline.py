@@ -21,6 +21,10 @@ def test_miniature_pipeline_runs_every_stage(quick_toy_run, tmp_path_factory):
         assert json.loads((output_dir / run / "training_summary.json").read_text())["steps"] == 2
     tcl_config = json.loads((output_dir / "tcl_only_model" / "config.json").read_text())
     assert tcl_config["loss_hcl_weight"] == 0.0 and tcl_config["loss_text_segmentation_weight"] == 0.0
+    code_config = json.loads((output_dir / "code_model" / "config.json").read_text())
+    assert code_config["loss_hcl_weight"] == 0.5
+    # the toy recipe leaves same-noun rows out of the contrastive negatives of both models
+    assert code_config["exclude_same_noun_negatives"] and tcl_config["exclude_same_noun_negatives"]
 
     assert list(summary["miou"]) == ["MaskCLIP baseline (KP branch only)", "TCL-only ablation", "CoDe (full)"]
     assert all(0.0 <= value <= 100.0 for value in summary["miou"].values())
