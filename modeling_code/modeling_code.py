@@ -58,6 +58,16 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` [n, ...] from every process along dim 0 -> [n * world, ...], without gradient."""
+    _, world_size = _world()
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def global_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of a (gradient-free) tensor over all processes; itself when not distributed."""
     _, world_size = _world()
@@ -1170,7 +1180,7 @@ class CoDeModel(CoDePreTrainedModel):
 
         noun_input_ids [N, L] (this process's rows); positive [N, N_global] marks each row's own column.
         """
-        all_noun_ids = gather_with_grad(noun_input_ids)
+        all_noun_ids = gather(noun_input_ids)
         return (noun_input_ids[:, None] == all_noun_ids[None]).all(-1) & ~positive
 
     def _text_segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
