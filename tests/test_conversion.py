@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CODE_OVERRIDES, pad_token_ids
+from helpers import TINY_CODE_OVERRIDES, pad_token_ids
 from transformers import AutoModel, AutoProcessor
 
 from modeling_code import CoDeConfig, CoDeModel

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import yaml
-from conftest import launch_two_processes
+from helpers import launch_two_processes
 from PIL import Image
 
 from modeling_code.benchmarks import get_benchmark, map_labels

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CODE_OVERRIDES, pad_token_ids
+from helpers import TINY_CODE_OVERRIDES, pad_token_ids
 from transformers import AutoConfig, AutoModel
 
 import modeling_code.modeling_code

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 from huggingface_hub import ModelCard
 
 from modeling_code.publishing import publish, remote_code_files, upload_file_list

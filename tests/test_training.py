@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_CODE_OVERRIDES, launch_two_processes
+from helpers import TINY_CODE_OVERRIDES, launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 

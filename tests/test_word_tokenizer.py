@@ -1,6 +1,6 @@
 """The small CLIP tokenizer builder used by tests and the toy world."""
 
-from conftest import TINY_WORDS
+from helpers import TINY_WORDS
 
 from modeling_code.word_tokenizer import build_clip_tokenizer
 
