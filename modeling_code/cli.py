@@ -197,13 +197,16 @@ def _add_toy_world_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_toy_world(args: argparse.Namespace) -> int:
+    import torch
+
     from .toy_pipeline import ToyPipelineSettings, run_toy_world
 
     if args.quick:
         settings = ToyPipelineSettings.quick(args.output_dir)
     else:
         settings = ToyPipelineSettings(output_dir=args.output_dir)
-    settings.seed, settings.threads = args.seed, args.threads
+    settings.seed = args.seed
+    torch.set_num_threads(args.threads)  # the process's setting: the command line's to make, not the library's
     run_toy_world(settings)
     return EXIT_OK
 

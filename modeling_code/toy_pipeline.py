@@ -24,7 +24,10 @@ TCL_ONLY_OVERRIDES = {"loss_text_segmentation_weight": 0.0, "loss_hcl_weight": 0
 
 @dataclasses.dataclass
 class ToyPipelineSettings:
-    """Sizes of each stage; ``quick()`` gives a miniature run for tests."""
+    """Sizes of each stage; ``quick()`` gives a miniature run for tests.
+
+    The run uses torch's threads as they are: the caller sets them (``code-seg toy-world --threads``).
+    """
 
     output_dir: str = "outputs/toy_world"
     seed: int = 0
@@ -39,7 +42,6 @@ class ToyPipelineSettings:
     clip_fragment_probability: float = 0.25
     code_steps: int | None = None  # None: the YAML config's optim.max_steps
     code_batch_size: int | None = None
-    threads: int = 2
     progress: bool = True
 
     @classmethod
@@ -81,7 +83,6 @@ def _training_config(settings: ToyPipelineSettings, clip_dir: Path, world_dir: P
 def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     """Run every stage; returns the summary written to ``<output_dir>/summary.json``."""
     import datasets
-    import torch
 
     from .clip_pretraining import pretrain_clip, small_clip_config
     from .segmenter import CoDeSegmenter
@@ -89,7 +90,6 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     from .trainer import train
     from .word_tokenizer import build_clip_tokenizer
 
-    torch.set_num_threads(settings.threads)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

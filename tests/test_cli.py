@@ -216,3 +216,17 @@ def test_label_maps_of_more_than_256_classes_are_16_bit(tmp_path):
     reread = Image.open(tmp_path / "small.png")
     assert reread.mode == "L"
     np.testing.assert_array_equal(np.asarray(reread), labels % 256)
+
+
+def test_toy_world_command_sets_the_threads_and_runs_the_pipeline(tmp_path, monkeypatch):
+    import torch
+
+    import modeling_code.toy_pipeline as toy_pipeline
+
+    runs, threads = [], []
+    monkeypatch.setattr(toy_pipeline, "run_toy_world", runs.append)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["toy-world", "--quick", "--output_dir", str(tmp_path), "--seed", "3", "--threads", "1"]) == EXIT_OK
+    assert threads == [1]
+    (settings,) = runs
+    assert settings.seed == 3 and settings.output_dir == str(tmp_path) and settings.clip_steps == 3
