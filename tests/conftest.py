@@ -18,7 +18,7 @@ import torch
 from helpers import TINY_CODE_OVERRIDES, TINY_WORDS, make_tiny_clip_config, save_tiny_model
 from transformers import CLIPModel
 
-from modeling_code.word_tokenizer import build_clip_tokenizer
+from modeling_code.toy.word_tokenizer import build_clip_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path_factory, tiny_clip_dir, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def quick_toy_run(tmp_path_factory):
     """The toy pipeline run in miniature once per session: (output directory, its summary). Read-only for tests."""
-    from modeling_code.toy_pipeline import ToyPipelineSettings, run_toy_world
+    from modeling_code.toy.end_to_end import ToyPipelineSettings, run_toy_world
 
     output_dir = tmp_path_factory.mktemp("quick_toy_run")
     return output_dir, run_toy_world(ToyPipelineSettings.quick(str(output_dir)))

@@ -14,8 +14,8 @@ import pytest
 from helpers import save_tiny_model
 from huggingface_hub import ModelCard
 
-from modeling_code.publishing import publish, remote_code_files, upload_file_list
-from modeling_code.training_config import TrainingConfig, save_training_config
+from modeling_code.apps.publishing import publish, remote_code_files, upload_file_list
+from modeling_code.training.config import TrainingConfig, save_training_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FILES = [

@@ -16,7 +16,7 @@ from helpers import EXAMPLE_IMAGE, SPACE_DIR, serve_app
 from huggingface_hub import SpaceCard
 from PIL import Image
 
-from modeling_code.demo import color_map
+from modeling_code.apps.demo import color_map
 
 
 @pytest.fixture(scope="module")

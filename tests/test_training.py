@@ -20,7 +20,7 @@ from helpers import TINY_CODE_OVERRIDES, launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 
-from modeling_code.training_config import apply_overrides, load_training_config
+from modeling_code.training.config import apply_overrides, load_training_config
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
@@ -165,7 +165,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     from modeling_code import CoDeModel
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.processing_code import CoDeProcessor
-    from modeling_code.trainer import training_step
+    from modeling_code.training.trainer import training_step
 
     clip_dir, out, captions = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -274,7 +274,7 @@ def _load_train_script():
 
 
 def test_push_to_hub_is_done_by_the_entry_script_with_the_final_folder(tmp_path, monkeypatch):
-    import modeling_code.publishing as publishing
+    import modeling_code.apps.publishing as publishing
 
     script = _load_train_script()
     trained, published = [], []

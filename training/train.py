@@ -9,9 +9,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from modeling_code.allocator import retain_freed_memory
-from modeling_code.trainer import train
-from modeling_code.training_config import load_training_config
+from modeling_code.apps.allocator import retain_freed_memory
+from modeling_code.training.config import load_training_config
+from modeling_code.training.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +44,7 @@ def hub_publisher(config):
     """Publishes a saved model folder (model, processor, remote code, card) to ``config.hub.hub_model_id``."""
 
     def push(output_dir: Path) -> None:
-        from modeling_code.publishing import publish
+        from modeling_code.apps.publishing import publish
 
         result = publish(output_dir, config.hub.hub_model_id, private=config.hub.private)
         logging.getLogger(__name__).info("pushed %s to %s", output_dir, result.commit_url)

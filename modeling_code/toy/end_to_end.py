@@ -57,7 +57,7 @@ def _stage(number: int, title: str) -> float:
 
 def _training_config(settings: ToyPipelineSettings, clip_dir: Path, world_dir: Path, output_dir: Path,
                      extra_overrides: dict[str, Any]):
-    from .training_config import load_training_config
+    from ..training.config import load_training_config
 
     values = yaml.safe_load(CONFIG_FILE.read_text())
     values["model"]["clip"] = str(clip_dir)
@@ -84,11 +84,11 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     """Run every stage; returns the summary written to ``<output_dir>/summary.json``."""
     import datasets
 
+    from ..predict.segmenter import CoDeSegmenter
+    from ..training.trainer import train
     from .clip_pretraining import pretrain_clip, small_clip_config
-    from .segmenter import CoDeSegmenter
-    from .toy_world import TOY_CLASSES, ToyWorldConfig, save_toy_world, toy_noun_forms, toy_world_vocabulary
-    from .trainer import train
     from .word_tokenizer import build_clip_tokenizer
+    from .world import TOY_CLASSES, ToyWorldConfig, save_toy_world, toy_noun_forms, toy_world_vocabulary
 
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     timings["code_training"] = time.perf_counter() - start
 
     start = _stage(4, "evaluating on the test split")
-    from .run_evaluation import evaluate_dataset
+    from ..evaluation.runner import evaluate_dataset
 
     test_set = {"path": str(world_dir), "split": "test", "raw_label_ids": False}
     rows = {

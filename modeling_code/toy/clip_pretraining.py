@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from .image_processing_code import IMAGENET_MEAN, IMAGENET_STD
-from .processing_code import bpe_token_ids, clip_token_ids
-from .text_decomposition import pseudo_text_labels
+from ..image_processing_code import IMAGENET_MEAN, IMAGENET_STD
+from ..processing_code import bpe_token_ids, clip_token_ids
+from ..text_decomposition import pseudo_text_labels
 
 CONTEXT_LENGTH = 77
 # Prompts for the optional noun-prompt texts (the 9 "custom" evaluation templates of CoDe).

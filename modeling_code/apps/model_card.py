@@ -16,9 +16,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_code import CoDeConfig
-from .evaluation import MODEL_INDEX_TASK
-from .training_config import load_training_config
+from ..configuration_code import CoDeConfig
+from ..evaluation.evaluator import MODEL_INDEX_TASK
+from ..training.config import load_training_config
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 TRAINING_CONFIG_FILE = "training_config.yaml"

@@ -23,11 +23,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from ..modeling_code import CoDeModel
+from ..processing_code import CoDeProcessor
+from .config import TrainingConfig, save_training_config
 from .data_sources import STREAM_PROGRESS_KEY, TrainingStream, make_dataloader
-from .modeling_code import CoDeModel
 from .optimization import build_optimizer, scaled_learning_rates, warmup_cosine_schedule
-from .processing_code import CoDeProcessor
-from .training_config import TrainingConfig, save_training_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def build_model_and_processor(config: TrainingConfig) -> tuple[CoDeModel, CoDePr
     """A fresh CoDe on ``model.clip`` (or a saved code-seg model) and its processor."""
     from transformers import CLIPTokenizer
 
-    from .image_processing_code import CoDeImageProcessor
+    from ..image_processing_code import CoDeImageProcessor
 
     section = config.model
     if section.init_from:
@@ -182,7 +182,7 @@ class Evaluator:
         return self._validation_batches
 
     def _segmentation_miou(self, model: CoDeModel) -> float:
-        from .run_evaluation import evaluate_dataset
+        from ..evaluation.runner import evaluate_dataset
 
         section = self.config.eval
         result = evaluate_dataset(
