@@ -2,7 +2,7 @@
 
 The template (``model_card_template.md``, shipped in the package) is filled from the model's ``CoDeConfig``,
 the training configuration saved beside it (``training_config.yaml``, when present) and an evaluation
-``results.json`` (``evaluation.write_results_json``), whose benchmarks become the card's ``model-index``.
+``results.json`` (``evaluation.evaluator.write_results_json``), whose benchmarks become the card's ``model-index``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where benchmark images and annotations come from: mmsegmentation folders or a `datasets` dataset.
 
 A source is a sized, indexable sequence of ``SegmentationSample(image, label, name)``: an RGB PIL image,
-the annotation as stored ([H, W] integers, before ``benchmarks.map_labels``) and a sample name. Sources
+the annotation as stored ([H, W] integers, before ``specs.map_labels``) and a sample name. Sources
 can be cut to their first ``limit`` samples and split into contiguous shards, one per process.
 """
 
