@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inference  # sibling benchmark scripts
 import train_step
 
-from modeling_code.benchmarks import get_benchmark
+from modeling_code.evaluation.specs import get_benchmark
 
 VOC_NAMES = get_benchmark("voc20").class_names
 
@@ -57,13 +57,13 @@ def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
     from PIL import Image
 
     from modeling_code import CoDeConfig, CoDeModel
-    from modeling_code.allocator import retain_freed_memory
+    from modeling_code.apps.allocator import retain_freed_memory
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.inference import encode_vocabulary
+    from modeling_code.predict.segmenter import CoDeSegmenter
     from modeling_code.processing_code import CoDeProcessor
-    from modeling_code.segmenter import CoDeSegmenter
     from modeling_code.templates import get_templates
-    from modeling_code.word_tokenizer import build_clip_tokenizer
+    from modeling_code.toy.word_tokenizer import build_clip_tokenizer
 
     retain_freed_memory()  # as the code-seg command and the demo do
     torch.set_num_threads(threads)

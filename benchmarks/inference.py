@@ -62,7 +62,7 @@ def _setup(scenario: Scenario, threads: int):
     from transformers import CLIPVisionModel
 
     from modeling_code import CoDeConfig, CoDeModel
-    from modeling_code.allocator import retain_freed_memory
+    from modeling_code.apps.allocator import retain_freed_memory
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.inference import VocabularyEmbeddings
 

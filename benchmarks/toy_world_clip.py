@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from modeling_code.clip_pretraining import (
+from modeling_code.toy.clip_pretraining import (
     PROMPT_TEMPLATES,
     images_to_tensor,
     normalize_images,
@@ -36,8 +36,9 @@ from modeling_code.clip_pretraining import (
     small_clip_config,
     tokenize_texts,
 )
-from modeling_code.toy_pipeline import ToyPipelineSettings
-from modeling_code.toy_world import (
+from modeling_code.toy.end_to_end import ToyPipelineSettings
+from modeling_code.toy.word_tokenizer import build_clip_tokenizer
+from modeling_code.toy.world import (
     TOY_CLASSES,
     TOY_STUFF,
     TOY_THINGS,
@@ -45,7 +46,6 @@ from modeling_code.toy_world import (
     build_toy_world,
     toy_noun_forms,
 )
-from modeling_code.word_tokenizer import build_clip_tokenizer
 
 
 @torch.no_grad()
@@ -180,7 +180,7 @@ def main() -> None:
         model = CLIPModel.from_pretrained(args.clip)
         tokenizer = CLIPTokenizer.from_pretrained(args.clip)
     else:
-        from modeling_code.toy_world import toy_world_vocabulary
+        from modeling_code.toy.world import toy_world_vocabulary
 
         tokenizer = build_clip_tokenizer(toy_world_vocabulary(), tempfile.mkdtemp(prefix="toy_tokenizer_"))
         config = small_clip_config(

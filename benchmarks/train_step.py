@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from modeling_code import CoDeConfig, CoDeModel
-from modeling_code.allocator import retain_freed_memory
+from modeling_code.apps.allocator import retain_freed_memory
 
 SIZES = {
     "vit-b16": {},
@@ -86,7 +86,7 @@ def run_steps(size: str, batch_size: int, steps: int, region_checkpointing: bool
     """Time ``steps`` calls of the trainer's own ``training_step`` (forward, backward, clipping, AdamW, zeroing)."""
     from accelerate import Accelerator
 
-    from modeling_code.trainer import training_step
+    from modeling_code.training.trainer import training_step
 
     retain_freed_memory()  # as training does
     torch.manual_seed(0)

@@ -2,16 +2,35 @@
 
 Importing the package registers ``CoDeConfig``/``CoDeModel`` (model type ``code``) with the Auto classes, and
 marks them for remote code so a saved directory also loads with ``trust_remote_code=True`` without the package.
+
+Layout, in layers from low to high (a module imports only from its own layer or lower ones):
+
+- the root modules: what a Hub model repository holds as remote code (config, model, image processor,
+  processor, text decomposition, templates, PAMR, inference); they import each other only relatively;
+- ``predict``: ``CoDeSegmenter`` and the overlays (``from modeling_code import CoDeSegmenter`` works too);
+- ``evaluation``: benchmark specs, datasets, mIoU, the evaluation loop and its command line;
+- ``training``: the training config, data sources, optimisation and the trainer;
+- ``toy``: the toy world and the end-to-end run on it;
+- ``apps``: the ``code-seg`` command line, the demo, publishing, checkpoint conversion.
+
+The modules' former flat names (``modeling_code.trainer``, ...) still import for one release, with a
+``FutureWarning`` naming the new path (``_moved_modules``).
 """
+
+import importlib
+from typing import Any
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
+from ._moved_modules import install as _install_moved_modules
 from .configuration_code import CoDeConfig
 from .image_processing_code import CoDeImageProcessor
 from .modeling_code import CoDeModel, CoDeModelOutput, CoDePreTrainedModel, CoDeWindowOutput
 from .processing_code import CoDeProcessor
 
 __version__ = "0.1.0"
+
+_install_moved_modules()
 
 AutoConfig.register(CoDeConfig.model_type, CoDeConfig, exist_ok=True)
 AutoModel.register(CoDeConfig, CoDeModel, exist_ok=True)
@@ -22,6 +41,25 @@ AutoProcessor.register(CoDeConfig, CoDeProcessor, exist_ok=True)
 CoDeImageProcessor.register_for_auto_class("AutoImageProcessor")
 CoDeProcessor.register_for_auto_class("AutoProcessor")
 
+# Imported on first access, so that ``import modeling_code`` does not import the segmenter stack.
+_LAZY_ATTRIBUTES = {
+    "CoDeSegmenter": ".predict.segmenter",
+    "SegmentationResult": ".predict.segmenter",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_ATTRIBUTES:
+        value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_ATTRIBUTES})
+
+
 __all__ = [
     "CoDeConfig",
     "CoDeImageProcessor",
@@ -29,5 +67,7 @@ __all__ = [
     "CoDeModelOutput",
     "CoDePreTrainedModel",
     "CoDeProcessor",
+    "CoDeSegmenter",
     "CoDeWindowOutput",
+    "SegmentationResult",
 ]

@@ -35,8 +35,12 @@ SUB_PROCESSOR_LOADING_KWARGS = (
 PER_NOUN_KEYS = ("noun_input_ids", "template_input_ids")
 
 
-def _bpe_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """BPE token ids of each text, without special tokens and without truncation."""
+def bpe_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The BPE token ids of each text: no start or end token, no padding, no truncation.
+
+    These are the ids a noun has inside a caption's ``clip_token_ids`` row, so they locate nouns in captions
+    (pseudo word labels, ``text_decomposition.pseudo_text_labels``). Returns one list per text; ``[]`` for none.
+    """
     if not texts:
         return []
     # verbose=False: over-long texts are handled (and reported) by the caller, not logged.
@@ -52,7 +56,7 @@ def clip_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str], context_lengt
         raise ValueError(f"context_length must hold at least SOS and EOS (2); got {context_length}.")
     input_ids = torch.zeros(len(texts), context_length, dtype=torch.long)
     truncated: list[bool] = []
-    for row, tokens in enumerate(_bpe_ids(tokenizer, texts)):
+    for row, tokens in enumerate(bpe_token_ids(tokenizer, texts)):
         sequence = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
         truncated.append(len(sequence) > context_length)
         if len(sequence) > context_length:
@@ -179,7 +183,7 @@ class CoDeProcessor(ProcessorMixin):
         prompts = [rng.choice(self.kg_templates).format(noun) for noun in selected]
 
         caption_input_ids = self.tokenize([caption])[0]
-        noun_token_ids = dict(zip(nouns, _bpe_ids(self.tokenizer, nouns)))
+        noun_token_ids = dict(zip(nouns, bpe_token_ids(self.tokenizer, nouns)))
         text_labels = pseudo_text_labels(
             caption_input_ids.tolist(),
             list(noun_token_ids.values()),

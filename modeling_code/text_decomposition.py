@@ -72,7 +72,15 @@ class NounDecomposer:
         return self._nlp
 
     def _load_pipeline(self) -> Any:
-        import spacy
+        # Guarded, so transformers' remote-code import check does not demand spaCy of a saved model: only
+        # decomposing training captions needs it, never loading a model or segmenting.
+        try:
+            import spacy
+        except ImportError as error:
+            raise ImportError(
+                "Finding the nouns of captions needs spaCy: `pip install spacy` and an English pipeline "
+                f"({self.spacy_model!r})"
+            ) from error
 
         for name in (self.spacy_model, *SPACY_PACKAGE_ALIASES.get(self.spacy_model, ())):
             if spacy.util.is_package(name) or Path(name).is_dir():

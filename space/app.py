@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modeling_code.allocator import retain_freed_memory
-from modeling_code.demo import (
+from modeling_code.apps.allocator import retain_freed_memory
+from modeling_code.apps.demo import (
     TOY_WORLD_MODEL_DIR,
     build_demo,
     load_demo_model,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from modeling_code.toy_world import ToyWorldConfig, generate_sample, sample_rng
+from modeling_code.toy.world import ToyWorldConfig, generate_sample, sample_rng
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 TOY_WORLD_TEST_INDICES = {"toy_world_1.png": 10, "toy_world_2.png": 11}

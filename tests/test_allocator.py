@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     """
     import resource
     import torch
-    from modeling_code.allocator import retain_freed_memory
+    from modeling_code.apps.allocator import retain_freed_memory
 
     applied = retain_freed_memory()
     def faults_of_one_round():
@@ -45,7 +45,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 
 def test_it_is_a_no_op_without_glibc(monkeypatch):
-    from modeling_code import allocator
+    from modeling_code.apps import allocator
 
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     assert allocator.retain_freed_memory() is False

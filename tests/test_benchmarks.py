@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modeling_code.benchmarks import (
+from modeling_code.evaluation.specs import (
     custom_benchmark,
     expand_benchmarks,
     get_benchmark,

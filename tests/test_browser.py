@@ -9,8 +9,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from helpers import EXAMPLE_IMAGE, REPO_ROOT, serve_app
 from playwright.sync_api import sync_playwright
-from test_space_app import EXAMPLE_IMAGE, REPO_ROOT, serve_app
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "space_browser.png"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_code.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
+from modeling_code.apps.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_help_lists_the_segment_command(capsys):
 
 
 def test_label_maps_of_more_than_256_classes_are_16_bit(tmp_path):
-    from modeling_code.cli import _label_image
+    from modeling_code.apps.cli import _label_image
 
     labels = np.array([[0, 255], [256, 300]])
     _label_image(labels, num_classes=301).save(tmp_path / "labels.png")
@@ -216,3 +216,17 @@ def test_label_maps_of_more_than_256_classes_are_16_bit(tmp_path):
     reread = Image.open(tmp_path / "small.png")
     assert reread.mode == "L"
     np.testing.assert_array_equal(np.asarray(reread), labels % 256)
+
+
+def test_toy_world_command_sets_the_threads_and_runs_the_pipeline(tmp_path, monkeypatch):
+    import torch
+
+    import modeling_code.toy.end_to_end as end_to_end
+
+    runs, threads = [], []
+    monkeypatch.setattr(end_to_end, "run_toy_world", runs.append)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["toy-world", "--quick", "--output_dir", str(tmp_path), "--seed", "3", "--threads", "1"]) == EXIT_OK
+    assert threads == [1]
+    (settings,) = runs
+    assert settings.seed == 3 and settings.output_dir == str(tmp_path) and settings.clip_steps == 3

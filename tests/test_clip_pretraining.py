@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
-from modeling_code.clip_pretraining import (
+from modeling_code.toy.clip_pretraining import (
     CONTEXT_LENGTH,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,7 +30,7 @@ from modeling_code.clip_pretraining import (
     small_clip_config,
     tokenize_texts,
 )
-from modeling_code.toy_world import ToyWorldConfig, build_toy_world
+from modeling_code.toy.world import ToyWorldConfig, build_toy_world
 
 TINY_MODEL = {
     "image_size": 32, "patch_size": 8, "vision_hidden_size": 32, "vision_layers": 2,

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from modeling_code.coco_object import (
+from modeling_code.evaluation.coco_object import (
     build_from_instances,
     build_from_stuffthingmaps,
     decode_rle_counts,
@@ -20,7 +20,7 @@ from modeling_code.coco_object import (
     polygons_to_mask,
     rle_to_mask,
 )
-from modeling_code.segmentation_datasets import MMSegFolderSource
+from modeling_code.evaluation.segmentation_datasets import MMSegFolderSource
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "build_coco_object.py"
 PERSON, DOG, TOOTHBRUSH = 1, 17, 80  # coco_object class indices

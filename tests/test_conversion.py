@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CODE_OVERRIDES, pad_token_ids
+from helpers import TINY_CODE_OVERRIDES, pad_token_ids
 from transformers import AutoModel, AutoProcessor
 
 from modeling_code import CoDeConfig, CoDeModel
-from modeling_code.conversion import (
+from modeling_code.apps.conversion import (
     UnsafeCheckpointError,
     check_clip_copies_agree,
     config_from_original,

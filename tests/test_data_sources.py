@@ -14,7 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_code.data_sources import (
+from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
+from modeling_code.processing_code import CoDeProcessor
+from modeling_code.text_decomposition import NotEnoughNounsError
+from modeling_code.training.data_sources import (
     STREAM_PROGRESS_KEY,
     DataSourceConfig,
     HubSource,
@@ -26,9 +29,6 @@ from modeling_code.data_sources import (
     make_dataloader,
     resolve_shards,
 )
-from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
-from modeling_code.processing_code import CoDeProcessor
-from modeling_code.text_decomposition import NotEnoughNounsError
 
 datasets.disable_progress_bars()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_code.demo import (
+from modeling_code.apps.demo import (
     MAX_CLASSES,
     MODEL_ENV_VAR,
     TOY_WORLD_MODEL_DIR,
@@ -24,9 +24,9 @@ from modeling_code.demo import (
     resolve_model_source,
     save_label_map,
 )
-from modeling_code.segmenter import CoDeSegmenter
-from modeling_code.toy_world import TOY_CLASSES
-from modeling_code.visualization import palette
+from modeling_code.predict.segmenter import CoDeSegmenter
+from modeling_code.predict.visualization import palette
+from modeling_code.toy.world import TOY_CLASSES
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import datasets
 import numpy as np
 import pytest
 import yaml
-from conftest import launch_two_processes
+from helpers import launch_two_processes
 from PIL import Image
 
-from modeling_code.benchmarks import get_benchmark, map_labels
-from modeling_code.evaluation import (
+from modeling_code.evaluation.evaluator import (
     BenchmarkResult,
     evaluate_benchmark,
     markdown_table,
@@ -22,9 +21,10 @@ from modeling_code.evaluation import (
     save_overlay_grid,
     write_outputs,
 )
-from modeling_code.segmentation_datasets import HFDatasetSource
-from modeling_code.segmentation_metrics import ConfusionMatrix
-from modeling_code.visualization import IGNORE_COLOR, colorize, draw_legend, overlay, palette
+from modeling_code.evaluation.metrics import ConfusionMatrix
+from modeling_code.evaluation.segmentation_datasets import HFDatasetSource
+from modeling_code.evaluation.specs import get_benchmark, map_labels
+from modeling_code.predict.visualization import IGNORE_COLOR, colorize, draw_legend, overlay, palette
 
 
 def colour_coded_dataset(num_images: int = 5, seed: int = 0) -> datasets.Dataset:
@@ -246,9 +246,9 @@ import sys
 import numpy as np
 from accelerate import Accelerator
 
-from modeling_code.benchmarks import get_benchmark
-from modeling_code.evaluation import evaluate_benchmark, write_outputs
-from modeling_code.segmentation_datasets import HFDatasetSource
+from modeling_code.evaluation.specs import get_benchmark
+from modeling_code.evaluation.evaluator import evaluate_benchmark, write_outputs
+from modeling_code.evaluation.segmentation_datasets import HFDatasetSource
 {predictor}
 
 def main(data_dir, out_dir, use_accelerator):

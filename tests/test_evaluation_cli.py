@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from modeling_code.cli import EXIT_OK, EXIT_USAGE, main
+from modeling_code.apps.cli import EXIT_OK, EXIT_USAGE, main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from modeling_code import CoDeModel, CoDeProcessor
-from modeling_code.highlighting_diagnostics import (
+from modeling_code.toy.diagnostics import (
     _region_scores,
     diagnose_highlighting,
     measure_mask_selectivity,
 )
-from modeling_code.toy_world import TOY_CLASSES, TOY_THINGS, toy_noun_forms
+from modeling_code.toy.world import TOY_CLASSES, TOY_THINGS, toy_noun_forms
 
 REPO = Path(__file__).resolve().parents[1]
 

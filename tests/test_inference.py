@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CODE_OVERRIDES
+from helpers import TINY_CODE_OVERRIDES
 
 from modeling_code import CoDeModel
 from modeling_code import inference as inference_module

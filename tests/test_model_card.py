@@ -11,17 +11,17 @@ import yaml
 from huggingface_hub import ModelCard
 
 from modeling_code import CoDeConfig
-from modeling_code.benchmarks import get_benchmark
-from modeling_code.evaluation import BenchmarkResult, write_outputs
-from modeling_code.model_card import (
+from modeling_code.apps.model_card import (
     example_model_card,
     is_hub_id,
     load_results,
     model_card_for_directory,
     render_model_card,
 )
-from modeling_code.segmentation_metrics import ConfusionMatrix
-from modeling_code.training_config import load_training_config, save_training_config
+from modeling_code.evaluation.evaluator import BenchmarkResult, write_outputs
+from modeling_code.evaluation.metrics import ConfusionMatrix
+from modeling_code.evaluation.specs import get_benchmark
+from modeling_code.training.config import load_training_config, save_training_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_CONFIG = REPO_ROOT / "training" / "configs" / "paper_cc3m_cc12m.yaml"

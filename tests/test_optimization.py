@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_code.optimization import (
+from modeling_code.training.optimization import (
     build_optimizer,
     parameter_groups,
     scaled_learning_rates,

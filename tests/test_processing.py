@@ -280,10 +280,20 @@ def test_save_and_load_round_trip(tmp_path, tiny_tokenizer):
 
 
 REMOTE_LOAD_SCRIPT = """
-import sys
+import importlib.abc, sys
+class HideSpacy(importlib.abc.MetaPathFinder):  # only training decomposes captions: loading needs no spaCy
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "spacy":
+            raise ImportError(f"No module named {name!r} (hidden for this test)")
+sys.meta_path.insert(0, HideSpacy())
 from transformers import AutoProcessor
 processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
 assert "modeling_code" not in sys.modules, "the installed package must not be needed"
+# Loading from the Hub (not a local folder) also checks the imports of every relatively imported module.
+import pathlib
+from transformers.dynamic_module_utils import check_imports
+for module in sorted(pathlib.Path(sys.argv[1]).glob("*.py")):
+    check_imports(module)
 print(type(processor).__module__, processor.num_words, processor.image_processor.train_crop_size)
 print(processor.tokenize(["a dog"])[0, :4].tolist())
 """

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 from huggingface_hub import ModelCard
 
-from modeling_code.publishing import publish, remote_code_files, upload_file_list
-from modeling_code.training_config import TrainingConfig, save_training_config
+from modeling_code.apps.publishing import publish, remote_code_files, upload_file_list
+from modeling_code.training.config import TrainingConfig, save_training_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FILES = [
@@ -23,13 +23,14 @@ EXPECTED_FILES = [
     "modeling_code.py", "processing_code.py", "processor_config.json", "templates.py", "text_decomposition.py",
     "tokenizer.json", "tokenizer_config.json",
 ]
-# Run in a fresh interpreter where importing the package fails: only the folder's own code can load it.
+# Run in a fresh interpreter where importing the package (or spaCy) fails: only the folder's own code can load it.
 NO_PACKAGE_PRELUDE = """
 import importlib.abc, sys
 class HidePackage(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "modeling_code" or name.startswith("modeling_code."):
-            raise ImportError("the code-seg package is hidden in this test")
+        # spaCy too: only training decomposes captions; loading and segmenting must not need it
+        if name.split(".")[0] in ("modeling_code", "spacy"):
+            raise ImportError(f"No module named {name!r} (hidden in this test)")
 sys.meta_path.insert(0, HidePackage())
 from PIL import Image
 Image.new("RGB", (90, 70), (40, 160, 60)).save("photo.jpg")

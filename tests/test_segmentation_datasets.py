@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_code.benchmarks import custom_benchmark, get_benchmark, map_labels
-from modeling_code.segmentation_datasets import HFDatasetSource, MMSegFolderSource, build_source
+from modeling_code.evaluation.segmentation_datasets import HFDatasetSource, MMSegFolderSource, build_source
+from modeling_code.evaluation.specs import custom_benchmark, get_benchmark, map_labels
 
 SIZE = (16, 16)
 
-# mmsegmentation's paths, spelled out independently of benchmarks.yaml: image, label, split file.
+# mmsegmentation's paths, spelled out independently of specs.yaml: image, label, split file.
 MMSEG_PATHS = {
     "voc": (
         "VOCdevkit/VOC2012/JPEGImages/{name}.jpg",

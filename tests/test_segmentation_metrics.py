@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling_code.benchmarks import get_benchmark, map_labels
-from modeling_code.segmentation_metrics import IGNORE_INDEX, METRIC_PATH, ConfusionMatrix
+from modeling_code.evaluation.metrics import IGNORE_INDEX, METRIC_PATH, ConfusionMatrix
+from modeling_code.evaluation.specs import get_benchmark, map_labels
 
 
 def mmseg_reference(predictions, labels, num_classes, ignore_index=IGNORE_INDEX):

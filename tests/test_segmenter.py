@@ -13,8 +13,8 @@ from PIL import Image
 
 from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
 from modeling_code.inference import VocabularyEmbeddings, encode_vocabulary
+from modeling_code.predict.segmenter import CoDeSegmenter, SegmentationResult
 from modeling_code.processing_code import CoDeProcessor
-from modeling_code.segmenter import CoDeSegmenter, SegmentationResult
 
 
 @pytest.fixture(scope="module")

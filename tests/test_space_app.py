@@ -2,79 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from importlib.metadata import requires
-from pathlib import Path
 
 import gradio
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import EXAMPLE_IMAGE, SPACE_DIR, serve_app
 from huggingface_hub import SpaceCard
 from PIL import Image
 
-from modeling_code.demo import color_map
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SPACE_DIR = REPO_ROOT / "space"
-EXAMPLE_IMAGE = SPACE_DIR / "examples" / "toy_world_1.png"
-STARTUP_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_app(model_dir: Path, log_path: Path) -> Iterator[str]:
-    """Run ``python space/app.py`` serving ``model_dir`` on a free local port; yields its URL, then stops it."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CODE_SEG_MODEL": str(model_dir),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "HF_HUB_OFFLINE": "1",
-    }
-    url = f"http://127.0.0.1:{port}/"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, str(SPACE_DIR / "app.py")], env=env, cwd=REPO_ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the app exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "config", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-                if time.monotonic() > deadline:
-                    log = log_path.read_text()[-3000:]
-                    raise RuntimeError(f"the app did not start in {STARTUP_TIMEOUT_S} s:\n{log}") from error
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from modeling_code.apps.demo import color_map
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import datasets
 from PIL import Image
 
-from modeling_code.demo import load_demo_model, predict, resolve_model_source
+from modeling_code.apps.demo import load_demo_model, predict, resolve_model_source
 
 
 def test_miniature_pipeline_runs_every_stage(quick_toy_run, tmp_path_factory):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import spacy
 
-from modeling_code.toy_world import (
+from modeling_code.toy.world import (
     COUNT_WORDS,
     SPLITS,
     THING_COLOURS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_CODE_OVERRIDES, launch_two_processes
+from helpers import TINY_CODE_OVERRIDES, launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 
-from modeling_code.training_config import apply_overrides, load_training_config
+from modeling_code.training.config import apply_overrides, load_training_config
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
@@ -164,7 +165,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     from modeling_code import CoDeModel
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.processing_code import CoDeProcessor
-    from modeling_code.trainer import training_step
+    from modeling_code.training.trainer import training_step
 
     clip_dir, out, captions = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -263,3 +264,35 @@ def test_validation_loss_is_the_fallback_metric(tmp_path, tiny_clip_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     best = json.loads((tmp_path / "run" / "best" / "training_summary.json").read_text())["best"]
     assert best["metric"] == "validation_loss" and best["value"] > 0
+
+
+def _load_train_script():
+    spec = importlib.util.spec_from_file_location("code_seg_train_script", REPO / "training" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_push_to_hub_is_done_by_the_entry_script_with_the_final_folder(tmp_path, monkeypatch):
+    import modeling_code.apps.publishing as publishing
+
+    script = _load_train_script()
+    trained, published = [], []
+
+    def fake_train(config, resume_from_checkpoint=None, on_final_model=None):
+        trained.append(on_final_model)
+        if on_final_model is not None:
+            on_final_model(tmp_path / "out")
+        return tmp_path / "out"
+
+    def fake_publish(model_dir, repo_id, private=False, **kwargs):
+        published.append((model_dir, repo_id, private))
+        return publishing.PublishResult([], None, "https://hub.example/commit/1")
+
+    monkeypatch.setattr(script, "train", fake_train)
+    monkeypatch.setattr(script, "retain_freed_memory", lambda: None)
+    monkeypatch.setattr(publishing, "publish", fake_publish)
+    script.main(["--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/code", "hub.private=true"])
+    assert published == [(tmp_path / "out", "me/code", True)]
+    script.main(["--output_dir", str(tmp_path / "out")])
+    assert trained[-1] is None and len(published) == 1

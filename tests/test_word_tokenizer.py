@@ -1,8 +1,8 @@
 """The small CLIP tokenizer builder used by tests and the toy world."""
 
-from conftest import TINY_WORDS
+from helpers import TINY_WORDS
 
-from modeling_code.word_tokenizer import build_clip_tokenizer
+from modeling_code.toy.word_tokenizer import build_clip_tokenizer
 
 
 def test_every_listed_word_is_one_token_and_specials_come_last(tmp_path):

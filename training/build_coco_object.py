@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from modeling_code.coco_object import build_from_instances, build_from_stuffthingmaps, link_images
+from modeling_code.evaluation.coco_object import build_from_instances, build_from_stuffthingmaps, link_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,7 +6,7 @@
 The CLIP architecture and tokenizer come from ``--clip``; every weight, the frozen CLIP's included, comes from
 the checkpoint. The output directory (safetensors weights, config, processor) loads with
 ``AutoModel.from_pretrained`` / ``CoDeProcessor.from_pretrained``. The mapping itself lives in
-``modeling_code.conversion``.
+``modeling_code.apps.conversion``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from transformers import CLIPConfig, CLIPTokenizer
 
-from modeling_code.conversion import load_original_checkpoint, model_from_original
+from modeling_code.apps.conversion import load_original_checkpoint, model_from_original
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     import datasets
 
     from modeling_code import CoDeModel, CoDeProcessor
-    from modeling_code.highlighting_diagnostics import diagnose_highlighting, measure_mask_selectivity
-    from modeling_code.toy_world import TOY_CLASSES, TOY_THINGS, toy_noun_forms
+    from modeling_code.toy.diagnostics import diagnose_highlighting, measure_mask_selectivity
+    from modeling_code.toy.world import TOY_CLASSES, TOY_THINGS, toy_noun_forms
 
     split = datasets.load_from_disk(args.world)[args.split]
     samples = split.select(range(min(args.num_samples, len(split))))

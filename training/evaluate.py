@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from modeling_code.allocator import retain_freed_memory
-from modeling_code.run_evaluation import add_evaluate_arguments, run_evaluate
+from modeling_code.apps.allocator import retain_freed_memory
+from modeling_code.evaluation.runner import add_evaluate_arguments, run_evaluate
 
 
 def main(argv: list[str] | None = None) -> None:

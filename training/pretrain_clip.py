@@ -23,15 +23,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets
 import torch
 
-from modeling_code.clip_pretraining import pretrain_clip, small_clip_config
-from modeling_code.toy_pipeline import ToyPipelineSettings
-from modeling_code.toy_world import (
+from modeling_code.toy.clip_pretraining import pretrain_clip, small_clip_config
+from modeling_code.toy.end_to_end import ToyPipelineSettings
+from modeling_code.toy.word_tokenizer import build_clip_tokenizer
+from modeling_code.toy.world import (
     ToyWorldConfig,
     build_toy_world,
     toy_noun_forms,
     toy_world_vocabulary,
 )
-from modeling_code.word_tokenizer import build_clip_tokenizer
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,7 @@
     python training/publish.py MODEL_DIR USER/NAME --dry-run staged/   # writes exactly what would be uploaded
     python training/publish.py --example-card model_card.md           # regenerates the repository's example card
 
-``training/train.py --push_to_hub`` calls the same ``modeling_code.publishing.publish``.
+``training/train.py --push_to_hub`` calls the same ``modeling_code.apps.publishing.publish``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from modeling_code.model_card import DEFAULT_LICENSE, example_model_card
-from modeling_code.publishing import publish
+from modeling_code.apps.model_card import DEFAULT_LICENSE, example_model_card
+from modeling_code.apps.publishing import publish
 
 PAPER_CONFIG = Path(__file__).resolve().parent / "configs" / "paper_cc3m_cc12m.yaml"
 

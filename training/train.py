@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from modeling_code.allocator import retain_freed_memory
-from modeling_code.trainer import train
-from modeling_code.training_config import load_training_config
+from modeling_code.apps.allocator import retain_freed_memory
+from modeling_code.training.config import load_training_config
+from modeling_code.training.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +36,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--push_to_hub needs --hub_model_id")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retain_freed_memory()
-    train(config, resume_from_checkpoint=args.resume_from_checkpoint)
+    train(config, resume_from_checkpoint=args.resume_from_checkpoint,
+          on_final_model=hub_publisher(config) if config.hub.push_to_hub else None)
+
+
+def hub_publisher(config):
+    """Publishes a saved model folder (model, processor, remote code, card) to ``config.hub.hub_model_id``."""
+
+    def push(output_dir: Path) -> None:
+        from modeling_code.apps.publishing import publish
+
+        result = publish(output_dir, config.hub.hub_model_id, private=config.hub.private)
+        logging.getLogger(__name__).info("pushed %s to %s", output_dir, result.commit_url)
+
+    return push
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import custom_benchmark, expand_benchmarks, get_benchmark
-from .evaluation import BenchmarkResult, evaluate_benchmark, write_outputs
+from .evaluator import BenchmarkResult, evaluate_benchmark, write_outputs
 from .segmentation_datasets import build_source
+from .specs import custom_benchmark, expand_benchmarks, get_benchmark
 
 INFERENCE_SETTINGS = (
     "use_pamr",
@@ -62,7 +62,7 @@ def evaluate_dataset(
             ``background`` prepending the background class) describe the labels as stored.
         settings: inference overrides (see ``INFERENCE_SETTINGS``).
     """
-    from .segmenter import CoDeSegmenter
+    from ..predict.segmenter import CoDeSegmenter
 
     if benchmark:
         spec = get_benchmark(benchmark)
@@ -130,7 +130,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     import torch
     from accelerate import Accelerator
 
-    from .segmenter import CoDeSegmenter
+    from ..predict.segmenter import CoDeSegmenter
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     settings = {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}

@@ -412,8 +412,8 @@ def build_source(config: DataSourceConfig | Mapping[str, Any]) -> ImageCaptionSo
 
 def default_skip_exceptions() -> dict[str, tuple[type[BaseException], ...]]:
     """Exceptions of the training transform that skip a sample, by skip reason."""
-    from .image_processing_code import InvalidImageError
-    from .text_decomposition import NotEnoughNounsError
+    from ..image_processing_code import InvalidImageError
+    from ..text_decomposition import NotEnoughNounsError
 
     return {
         "image": (InvalidImageError, UnidentifiedImageError, OSError),

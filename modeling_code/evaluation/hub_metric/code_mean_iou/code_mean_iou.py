@@ -1,6 +1,6 @@
 """mmsegmentation's mIoU as a Hugging Face `evaluate` metric that keeps only a confusion matrix.
 
-Load it with `evaluate.load(modeling_code.segmentation_metrics.METRIC_PATH, num_labels=21)`.
+Load it with `evaluate.load(modeling_code.evaluation.metrics.METRIC_PATH, num_labels=21)`.
 Unlike the Hub's `mean_iou`, which stores every prediction and reference until `compute`, each
 `add` / `add_batch` folds its maps into a [num_labels, num_labels] count matrix at once.
 """
@@ -9,7 +9,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from modeling_code.segmentation_metrics import IGNORE_INDEX, ConfusionMatrix
+from modeling_code.evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 
 _DESCRIPTION = """
 Mean intersection-over-union computed exactly as mmsegmentation 0.27 does: a confusion matrix

@@ -16,7 +16,7 @@ import numpy as np
 IGNORE_INDEX = 255
 
 # Pass to ``evaluate.load`` to get the same metric as a Hugging Face ``evaluate`` module.
-METRIC_PATH = str(Path(__file__).parent / "metrics" / "code_mean_iou")
+METRIC_PATH = str(Path(__file__).parent / "hub_metric" / "code_mean_iou")
 
 
 def _nan_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The zero-shot segmentation benchmarks as data: class names, background flag, label mapping, folder layout.
 
-Everything comes from ``benchmarks.yaml`` beside this module; this module only types it and applies the
+Everything comes from ``specs.yaml`` beside this module; this module only types it and applies the
 label mapping that turns an annotation file's raw ids into the class indices the metric counts.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .segmentation_metrics import IGNORE_INDEX
+from .metrics import IGNORE_INDEX
 
-BENCHMARKS_FILE = Path(__file__).with_name("benchmarks.yaml")
+BENCHMARKS_FILE = Path(__file__).with_name("specs.yaml")
 ALL_BENCHMARKS = "all"
 
 
@@ -122,7 +122,7 @@ def _load_benchmarks() -> dict[str, BenchmarkSpec]:
 
 
 def list_benchmarks() -> list[str]:
-    """The benchmark keys, in the order of ``benchmarks.yaml``."""
+    """The benchmark keys, in the order of ``specs.yaml``."""
     return list(_load_benchmarks())
 
 

@@ -24,7 +24,10 @@ TCL_ONLY_OVERRIDES = {"loss_text_segmentation_weight": 0.0, "loss_hcl_weight": 0
 
 @dataclasses.dataclass
 class ToyPipelineSettings:
-    """Sizes of each stage; ``quick()`` gives a miniature run for tests."""
+    """Sizes of each stage; ``quick()`` gives a miniature run for tests.
+
+    The run uses torch's threads as they are: the caller sets them (``code-seg toy-world --threads``).
+    """
 
     output_dir: str = "outputs/toy_world"
     seed: int = 0
@@ -39,7 +42,6 @@ class ToyPipelineSettings:
     clip_fragment_probability: float = 0.25
     code_steps: int | None = None  # None: the YAML config's optim.max_steps
     code_batch_size: int | None = None
-    threads: int = 2
     progress: bool = True
 
     @classmethod
@@ -55,7 +57,7 @@ def _stage(number: int, title: str) -> float:
 
 def _training_config(settings: ToyPipelineSettings, clip_dir: Path, world_dir: Path, output_dir: Path,
                      extra_overrides: dict[str, Any]):
-    from .training_config import load_training_config
+    from ..training.config import load_training_config
 
     values = yaml.safe_load(CONFIG_FILE.read_text())
     values["model"]["clip"] = str(clip_dir)
@@ -81,15 +83,13 @@ def _training_config(settings: ToyPipelineSettings, clip_dir: Path, world_dir: P
 def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     """Run every stage; returns the summary written to ``<output_dir>/summary.json``."""
     import datasets
-    import torch
 
+    from ..predict.segmenter import CoDeSegmenter
+    from ..training.trainer import train
     from .clip_pretraining import pretrain_clip, small_clip_config
-    from .segmenter import CoDeSegmenter
-    from .toy_world import TOY_CLASSES, ToyWorldConfig, save_toy_world, toy_noun_forms, toy_world_vocabulary
-    from .trainer import train
     from .word_tokenizer import build_clip_tokenizer
+    from .world import TOY_CLASSES, ToyWorldConfig, save_toy_world, toy_noun_forms, toy_world_vocabulary
 
-    torch.set_num_threads(settings.threads)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -125,7 +125,7 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
     timings["code_training"] = time.perf_counter() - start
 
     start = _stage(4, "evaluating on the test split")
-    from .run_evaluation import evaluate_dataset
+    from ..evaluation.runner import evaluate_dataset
 
     test_set = {"path": str(world_dir), "split": "test", "raw_label_ids": False}
     rows = {

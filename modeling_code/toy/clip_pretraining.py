@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from .image_processing_code import IMAGENET_MEAN, IMAGENET_STD
-from .processing_code import _bpe_ids, clip_token_ids
-from .text_decomposition import pseudo_text_labels
+from ..image_processing_code import IMAGENET_MEAN, IMAGENET_STD
+from ..processing_code import bpe_token_ids, clip_token_ids
+from ..text_decomposition import pseudo_text_labels
 
 CONTEXT_LENGTH = 77
 # Prompts for the optional noun-prompt texts (the 9 "custom" evaluation templates of CoDe).
@@ -341,7 +341,7 @@ def pretrain_clip(
     forms_by_noun: dict[str, list[str]] = {}
     for form, noun in noun_forms.items():
         forms_by_noun.setdefault(noun, []).append(form)
-    form_token_ids = {noun: _bpe_ids(tokenizer, forms) for noun, forms in forms_by_noun.items()}
+    form_token_ids = {noun: bpe_token_ids(tokenizer, forms) for noun, forms in forms_by_noun.items()}
     if len(captions) < batch_size:
         raise ValueError(f"dataset has {len(captions)} pairs, fewer than batch_size={batch_size}")
 

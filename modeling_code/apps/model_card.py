@@ -2,7 +2,7 @@
 
 The template (``model_card_template.md``, shipped in the package) is filled from the model's ``CoDeConfig``,
 the training configuration saved beside it (``training_config.yaml``, when present) and an evaluation
-``results.json`` (``evaluation.write_results_json``), whose benchmarks become the card's ``model-index``.
+``results.json`` (``evaluation.evaluator.write_results_json``), whose benchmarks become the card's ``model-index``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_code import CoDeConfig
-from .evaluation import MODEL_INDEX_TASK
-from .training_config import load_training_config
+from ..configuration_code import CoDeConfig
+from ..evaluation.evaluator import MODEL_INDEX_TASK
+from ..training.config import load_training_config
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 TRAINING_CONFIG_FILE = "training_config.yaml"

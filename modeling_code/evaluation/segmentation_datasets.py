@@ -1,7 +1,7 @@
 """Where benchmark images and annotations come from: mmsegmentation folders or a `datasets` dataset.
 
 A source is a sized, indexable sequence of ``SegmentationSample(image, label, name)``: an RGB PIL image,
-the annotation as stored ([H, W] integers, before ``benchmarks.map_labels``) and a sample name. Sources
+the annotation as stored ([H, W] integers, before ``specs.map_labels``) and a sample name. Sources
 can be cut to their first ``limit`` samples and split into contiguous shards, one per process.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from .benchmarks import BenchmarkSpec, get_benchmark
+from .specs import BenchmarkSpec, get_benchmark
 
 
 class SegmentationSample(NamedTuple):
@@ -86,7 +86,7 @@ def _read_rgb(path: Path) -> Image.Image:
 
 
 class MMSegFolderSource(SegmentationSource):
-    """A benchmark split in mmsegmentation's folder layout (see ``layout`` in ``benchmarks.yaml``).
+    """A benchmark split in mmsegmentation's folder layout (see ``layout`` in ``specs.yaml``).
 
     ``root`` is either mmseg's ``data/`` folder (holding ``VOCdevkit/VOC2012``, ``ADEChallengeData2016``,
     ``cityscapes``, ``coco_stuff164k``, ...) or the benchmark's own data root. Samples come from the

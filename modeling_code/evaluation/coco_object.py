@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .benchmarks import BenchmarkSpec, get_benchmark, map_labels
+from .specs import BenchmarkSpec, get_benchmark, map_labels
 
 BENCHMARK_KEY = "coco_object"
 

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .benchmarks import get_benchmark
-from .image_processing_code import InvalidImageError, load_image
-from .inference import BACKGROUND_CLASS, parse_class_list
-from .segmenter import CoDeSegmenter
-from .toy_world import TOY_CLASSES
-from .visualization import palette
+from ..evaluation.specs import get_benchmark
+from ..image_processing_code import InvalidImageError, load_image
+from ..inference import BACKGROUND_CLASS, parse_class_list
+from ..predict.segmenter import CoDeSegmenter
+from ..predict.visualization import palette
+from ..toy.world import TOY_CLASSES
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .inference import encode_vocabulary, segment_window_scores
-from .modeling_code import CoDeModel
-from .processing_code import CoDeProcessor
-from .text_decomposition import NotEnoughNounsError
+from ..inference import encode_vocabulary, segment_window_scores
+from ..modeling_code import CoDeModel
+from ..processing_code import CoDeProcessor
+from ..text_decomposition import NotEnoughNounsError
 
 
 @dataclass

@@ -91,7 +91,7 @@ def _label_image(label_map, num_classes: int):
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from .inference import clean_class_names, parse_class_list
+    from ..inference import clean_class_names, parse_class_list
 
     try:
         class_names, _ = clean_class_names(parse_class_list(args.classes))
@@ -111,8 +111,8 @@ def _run_segment(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .image_processing_code import DEFAULT_MAX_PIXELS, InvalidImageError
-    from .segmenter import CoDeSegmenter
+    from ..image_processing_code import DEFAULT_MAX_PIXELS, InvalidImageError
+    from ..predict.segmenter import CoDeSegmenter
 
     try:
         segmenter = CoDeSegmenter.from_pretrained(
@@ -157,7 +157,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 # evaluate
 # --------------------------------------------------------------------------------------------------------------
 def _add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
-    from .run_evaluation import add_evaluate_arguments
+    from ..evaluation.runner import add_evaluate_arguments
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -169,7 +169,7 @@ def _add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .run_evaluation import run_evaluate
+    from ..evaluation.runner import run_evaluate
 
     try:
         run_evaluate(args)
@@ -197,13 +197,16 @@ def _add_toy_world_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_toy_world(args: argparse.Namespace) -> int:
-    from .toy_pipeline import ToyPipelineSettings, run_toy_world
+    import torch
+
+    from ..toy.end_to_end import ToyPipelineSettings, run_toy_world
 
     if args.quick:
         settings = ToyPipelineSettings.quick(args.output_dir)
     else:
         settings = ToyPipelineSettings(output_dir=args.output_dir)
-    settings.seed, settings.threads = args.seed, args.threads
+    settings.seed = args.seed
+    torch.set_num_threads(args.threads)  # the process's setting: the command line's to make, not the library's
     run_toy_world(settings)
     return EXIT_OK
 

@@ -24,7 +24,7 @@ from enum import Enum
 import torch
 from transformers import CLIPConfig
 
-from .configuration_code import CoDeConfig
+from ..configuration_code import CoDeConfig
 
 ORIGINAL_PARALLEL_PREFIX = "module."
 # Original keys printed in an error message before the list is cut short.
@@ -478,7 +478,7 @@ def check_constant_buffers(
 
 def expected_code_shapes(config: CoDeConfig) -> dict[str, torch.Size]:
     """Shape of every tensor of a ``CoDeModel`` state dict for ``config`` (built on the meta device: no memory)."""
-    from .modeling_code import CoDeModel
+    from ..modeling_code import CoDeModel
 
     with torch.device("meta"):
         model = CoDeModel(config)
@@ -604,7 +604,7 @@ def model_from_original(
     **config_overrides,
 ):
     """A ``CoDeModel`` holding an original checkpoint's weights (see ``config_from_original`` for the args)."""
-    from .modeling_code import CoDeModel
+    from ..modeling_code import CoDeModel
 
     config = config_from_original(original_state_dict, clip_config, tokenizer, **config_overrides)
     model = CoDeModel(config)

@@ -1,6 +1,6 @@
 """High-level open-vocabulary segmentation: any image, any class names, at the benchmark protocol.
 
-    >>> from modeling_code.segmenter import CoDeSegmenter
+    >>> from modeling_code.predict.segmenter import CoDeSegmenter
     >>> segmenter = CoDeSegmenter.from_pretrained("path/or/hub-id")
     >>> result = segmenter("photo.jpg", ["cat", "sofa", "background"])
     >>> result.label_map.shape, result.pixel_fractions["cat"]
@@ -23,17 +23,17 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from .configuration_code import CoDeConfig
-from .image_processing_code import DEFAULT_MAX_PIXELS, CoDeImageProcessor, ImageLike
-from .inference import (
+from ..configuration_code import CoDeConfig
+from ..image_processing_code import DEFAULT_MAX_PIXELS, CoDeImageProcessor, ImageLike
+from ..inference import (
     DEFAULT_WINDOW_BATCH_SIZE,
     VocabularyEmbeddings,
     clean_class_names,
     encode_vocabulary,
     segment_images,
 )
-from .modeling_code import CoDeModel
-from .processing_code import CoDeProcessor
+from ..modeling_code import CoDeModel
+from ..processing_code import CoDeProcessor
 from .visualization import draw_legend, overlay, palette
 
 logger = logging.get_logger(__name__)

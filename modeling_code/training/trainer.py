@@ -4,7 +4,8 @@
 counted), AdamW with warmup + cosine, the two phases (masker block copy frozen for ``ust_steps``), gradient
 clipping and accumulation, rotated ``checkpoint-STEP`` states that resume exactly (model, optimiser,
 scheduler, RNG, step and data position), trackers, periodic evaluation keeping the best model, and a final
-``save_pretrained`` of model and processor.
+``save_pretrained`` of model and processor. What happens to the saved model next (``--push_to_hub``) is the
+caller's: ``train`` hands its folder to ``on_final_model``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from ..modeling_code import CoDeModel
+from ..processing_code import CoDeProcessor
+from .config import TrainingConfig, save_training_config
 from .data_sources import STREAM_PROGRESS_KEY, TrainingStream, make_dataloader
-from .modeling_code import CoDeModel
 from .optimization import build_optimizer, scaled_learning_rates, warmup_cosine_schedule
-from .processing_code import CoDeProcessor
-from .training_config import TrainingConfig, save_training_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def build_model_and_processor(config: TrainingConfig) -> tuple[CoDeModel, CoDePr
     """A fresh CoDe on ``model.clip`` (or a saved code-seg model) and its processor."""
     from transformers import CLIPTokenizer
 
-    from .image_processing_code import CoDeImageProcessor
+    from ..image_processing_code import CoDeImageProcessor
 
     section = config.model
     if section.init_from:
@@ -180,7 +182,7 @@ class Evaluator:
         return self._validation_batches
 
     def _segmentation_miou(self, model: CoDeModel) -> float:
-        from .run_evaluation import evaluate_dataset
+        from ..evaluation.runner import evaluate_dataset
 
         section = self.config.eval
         result = evaluate_dataset(
@@ -199,8 +201,22 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(config: TrainingConfig, resume_from_checkpoint: str | None = None) -> Path:
-    """Run training as configured; returns the directory holding the final ``save_pretrained`` model."""
+def train(
+    config: TrainingConfig,
+    resume_from_checkpoint: str | None = None,
+    on_final_model: Callable[[Path], Any] | None = None,
+) -> Path:
+    """Run training as configured; returns the directory holding the final ``save_pretrained`` model.
+
+    Args:
+        config: the training config.
+        resume_from_checkpoint: ``"latest"`` or a ``checkpoint-STEP`` directory to resume from.
+        on_final_model: called on the main process with that directory once the final model is saved, before
+            the processes part (``training/train.py`` publishes it there for ``hub.push_to_hub``).
+    """
+    if config.hub.push_to_hub and on_final_model is None:
+        logger.warning("hub.push_to_hub is set but train() publishes nothing itself: training/train.py pushes "
+                       "the final model (or pass on_final_model)")
     output_dir = Path(config.checkpoint.output_dir)
     optim = config.optim
     accelerator = Accelerator(
@@ -295,10 +311,8 @@ def train(config: TrainingConfig, resume_from_checkpoint: str | None = None) -> 
     if accelerator.is_main_process:
         _save_pretrained(core, processor, output_dir,
                          extra={"best": best, "skipped": stream.skipped, "steps": step})
-        if config.hub.push_to_hub:
-            from .publishing import publish
-
-            publish(output_dir, config.hub.hub_model_id, private=config.hub.private)
+        if on_final_model is not None:
+            on_final_model(output_dir)
     # The DDP wrapper holds the process group: released first, the group dies here rather than at interpreter exit,
     # where gloo aborts a rank now and then ("terminate called without an active exception").
     del model, optimizer

@@ -20,10 +20,10 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .benchmarks import BenchmarkSpec, map_labels
+from ..predict.visualization import draw_legend, overlay, palette
+from .metrics import ConfusionMatrix
 from .segmentation_datasets import SegmentationSource
-from .segmentation_metrics import ConfusionMatrix
-from .visualization import draw_legend, overlay, palette
+from .specs import BenchmarkSpec, map_labels
 
 Predictor = Callable[[Image.Image, Sequence[str]], np.ndarray]
 
@@ -304,3 +304,20 @@ def write_outputs(
                 result.overlays, out_dir / OVERLAY_DIR / f"{result.spec.key}.png", result.spec.class_names
             )
     return written
+
+
+__all__ = [
+    "MARKDOWN_FILE",
+    "MODEL_INDEX_FILE",
+    "MODEL_INDEX_TASK",
+    "OVERLAY_DIR",
+    "RESULTS_FILE",
+    "BenchmarkResult",
+    "OverlayRow",
+    "evaluate_benchmark",
+    "markdown_table",
+    "model_index_entries",
+    "save_overlay_grid",
+    "write_outputs",
+    "write_results_json",
+]
