@@ -34,7 +34,7 @@ from modeling_code.conversion import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared/reference/reference_state_dict_keys.tsv"
+REFERENCE_KEYS = REPO_ROOT / "tests/data/reference_state_dict_keys.tsv"  # the released checkpoint's keys and shapes
 CONVERTER = REPO_ROOT / "training/convert_original_checkpoint.py"
 REFERENCE_LAYERS = 12  # ViT-B/16: 12 vision and 12 text blocks
 
