@@ -396,6 +396,7 @@ def load_converter_script():
     return module
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, original, tiny_clip_dir):
     checkpoint = save_checkpoint(tmp_path / "checkpoint.pth", {"model": {f"module.{k}": v for k, v in original.items()}})
     out = tmp_path / "converted"
