@@ -35,6 +35,7 @@ def run_in_fresh_process() -> tuple[str, int]:
     return applied, int(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting exists in glibc only")
 def test_freed_blocks_are_reused_without_page_faults():
     applied, faults = run_in_fresh_process()

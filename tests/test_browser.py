@@ -32,6 +32,7 @@ def app_url(tmp_path_factory, tiny_model_dir):
         yield url, model_dir
 
 
+@pytest.mark.slow
 def test_upload_segment_and_screenshot_in_headless_chromium(app_url):
     url, model_dir = app_url
     SCREENSHOT.parent.mkdir(exist_ok=True)

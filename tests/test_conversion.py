@@ -34,7 +34,7 @@ from modeling_code.apps.conversion import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared/reference/reference_state_dict_keys.tsv"
+REFERENCE_KEYS = REPO_ROOT / "tests/data/reference_state_dict_keys.tsv"  # the released checkpoint's keys and shapes
 CONVERTER = REPO_ROOT / "training/convert_original_checkpoint.py"
 REFERENCE_LAYERS = 12  # ViT-B/16: 12 vision and 12 text blocks
 
@@ -396,6 +396,7 @@ def load_converter_script():
     return module
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, original, tiny_clip_dir):
     checkpoint = save_checkpoint(tmp_path / "checkpoint.pth", {"model": {f"module.{k}": v for k, v in original.items()}})
     out = tmp_path / "converted"

@@ -35,6 +35,7 @@ def write_voc(root: Path, num_images: int = 3) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_every_output_and_matches_the_script(tiny_model_dir, tmp_path):
     data = write_voc(tmp_path / "data")
     out = tmp_path / "cli"

@@ -33,6 +33,7 @@ def toy_model_and_samples(quick_toy_run):
     return CoDeModel.from_pretrained(model_dir), CoDeProcessor.from_pretrained(model_dir), samples
 
 
+@pytest.mark.slow
 def test_rows_are_the_sampled_nouns_of_usable_captions(toy_model_and_samples):
     model, processor, samples = toy_model_and_samples
     decomposer = processor.noun_decomposer
@@ -49,6 +50,7 @@ def test_rows_are_the_sampled_nouns_of_usable_captions(toy_model_and_samples):
         assert all(-1.0 <= cosine <= 1.0 for views in texts.values() for cosine in views.values())
 
 
+@pytest.mark.slow
 def test_word_masks_follow_the_text_mask_head(toy_model_and_samples):
     model, processor, samples = toy_model_and_samples
     with torch.no_grad():
@@ -63,6 +65,7 @@ def test_word_masks_follow_the_text_mask_head(toy_model_and_samples):
     assert max(diagnosis.word_mask.values()) < 1e-6
 
 
+@pytest.mark.slow
 def test_no_usable_caption_is_an_error(toy_model_and_samples):
     model, processor, samples = toy_model_and_samples
     one_noun = [{"image": samples[0]["image"], "caption": "a circle.", "label": samples[0]["label"]}]
@@ -101,6 +104,7 @@ def test_region_scores_of_a_perfect_and_a_confused_masker():
     ])
 
 
+@pytest.mark.slow
 def test_mask_selectivity_of_a_constant_masker(toy_model_and_samples):
     model, processor, samples = toy_model_and_samples
     with torch.no_grad():
@@ -114,6 +118,7 @@ def test_mask_selectivity_of_a_constant_masker(toy_model_and_samples):
         assert measures == pytest.approx({"own": expected, "best_other_thing": expected, "best_stuff": expected})
 
 
+@pytest.mark.slow
 def test_mask_selectivity_needs_plain_class_names_and_labels(toy_model_and_samples):
     model, processor, samples = toy_model_and_samples
     with pytest.raises(ValueError, match="without 'background'"):
@@ -123,6 +128,7 @@ def test_mask_selectivity_needs_plain_class_names_and_labels(toy_model_and_sampl
         measure_mask_selectivity(model, processor, unlabelled, TOY_CLASSES, TOY_THINGS)
 
 
+@pytest.mark.slow
 def test_script_prints_the_diagnosis(quick_toy_run):
     output_dir, _ = quick_toy_run
     result = subprocess.run(

@@ -520,6 +520,7 @@ def test_loaded_model_keeps_the_clip_frozen(tiny_code_model, tmp_path):
     assert not any(name.startswith("clip.") for name in trainable)
 
 
+@pytest.mark.slow
 def test_remote_code_loads_without_the_package(tiny_code_model, tmp_path):
     tiny_code_model.save_pretrained(tmp_path / "model")
     script = textwrap.dedent(

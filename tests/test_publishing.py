@@ -65,6 +65,7 @@ def test_dry_run_stages_exactly_the_upload_set(trained_dir, tmp_path):
     assert json.loads((staged / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_code.CoDeModel"
 
 
+@pytest.mark.slow
 def test_dry_run_folder_loads_and_runs_the_cards_snippet_without_the_package(trained_dir, tmp_path):
     staged = tmp_path / "staged"
     publish(trained_dir, "me/code-tiny", dry_run_dir=staged)

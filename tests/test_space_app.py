@@ -30,6 +30,7 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
+@pytest.mark.slow
 def test_segment_endpoint_returns_overlay_label_map_and_table(client):
     overlay, label_map_path, table = client.predict(
         handle_file(str(EXAMPLE_IMAGE)), "circle, tile, grass", True, 0.4, False, api_name="/segment"
@@ -51,6 +52,7 @@ def test_segment_endpoint_returns_overlay_label_map_and_table(client):
             assert mask.size == (112, 112)
 
 
+@pytest.mark.slow
 def test_endpoint_errors_are_messages_not_tracebacks(client):
     with pytest.raises(AppError, match="Enter at least one class name") as caught:
         client.predict(handle_file(str(EXAMPLE_IMAGE)), " , ", True, 0.4, False, api_name="/segment")
@@ -60,6 +62,7 @@ def test_endpoint_errors_are_messages_not_tracebacks(client):
         client.predict(handle_file(str(EXAMPLE_IMAGE)), names, True, 0.4, False, api_name="/segment")
 
 
+@pytest.mark.slow
 def test_page_names_the_loaded_model_and_offers_the_examples(app_url, client, tiny_model_dir):
     with urllib.request.urlopen(app_url + "config", timeout=10) as response:
         config = json.load(response)

@@ -93,6 +93,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     assert paper.model.clip == "openai/clip-vit-base-patch16" and paper.optim.max_steps == 50000
 
 
+@pytest.mark.slow
 def test_command_line_run_writes_a_loadable_model_and_counts_skips(tmp_path, tiny_clip_dir):
     data = write_jsonl_dataset(tmp_path / "data", corrupt=2, nounless=2, copies=1)
     result = run_train(write_config(tmp_path, tiny_clip_dir, data, optim={"max_steps": 3}))
@@ -121,6 +122,7 @@ def _final_parameters(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(run / "model.safetensors")).items() if not k.startswith("clip.")}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, tiny_clip_dir):
     data = write_jsonl_dataset(tmp_path / "data", corrupt=1, nounless=1, copies=3)
     settings = {"optim": {"max_steps": 24, "warmup_steps": 4, "ust_steps": 6, "lr": 1e-3, "min_lr": 1e-4,
@@ -210,6 +212,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     ],
     ids=["paper", "same_noun_pairs_excluded"],
 )
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip_dir, captions, extra_overrides):
     script = tmp_path / "step.py"
     script.write_text(DISTRIBUTED_SCRIPT)
@@ -231,6 +234,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_clip
                                    atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_keeps_the_best_model(tmp_path, tiny_clip_dir):
     import datasets
 
@@ -255,6 +259,7 @@ def test_periodic_evaluation_keeps_the_best_model(tmp_path, tiny_clip_dir):
     assert final["best"] == best
 
 
+@pytest.mark.slow
 def test_validation_loss_is_the_fallback_metric(tmp_path, tiny_clip_dir):
     data = write_jsonl_dataset(tmp_path / "data", copies=1)
     config = write_config(tmp_path, tiny_clip_dir, data, logging={"tracker": None},
