@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import datasets
+import pytest
 from PIL import Image
 
 from modeling_code.apps.demo import load_demo_model, predict, resolve_model_source
 
-# The toy pipeline run is slow. (__import__ leaves the import block as it is; `import pytest` would do the same.)
-pytestmark = __import__("pytest").mark.slow
+pytestmark = pytest.mark.slow
 
 
 def test_miniature_pipeline_runs_every_stage(quick_toy_run, tmp_path_factory):
