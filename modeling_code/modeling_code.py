@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -27,90 +26,20 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
 from transformers.utils import ModelOutput
 
 from .configuration_code import CoDeConfig
+from .losses import (
+    _world,
+    area_prior_loss,
+    gather_with_grad,
+    same_noun_pairs,
+    symmetric_infonce,
+    tcl_feature_logits,
+    text_segmentation_loss,
+)
 
 # Inference computes the decoder's last block in row bands whose tap products stay this small. Temporaries
 # of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
 # every window, which cost more than the two neighbour rows each band adds.
 BAND_TAP_BYTES = 24 * 2**20
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Distributed negatives: the one place where contrastive terms see the other processes' rows.
-# --------------------------------------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` [n, ...] from every process along dim 0 -> [n * world, ...], keeping gradients.
-
-    The backward pass sums each process's gradient for its slice, so with DDP's gradient averaging the update
-    equals a single process holding the whole global batch. Identity when not distributed.
-    """
-    _, world_size = _world()
-    if world_size == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
-
-
-def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` [n, ...] from every process along dim 0 -> [n * world, ...], without gradient."""
-    _, world_size = _world()
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def global_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum of a (gradient-free) tensor over all processes; itself when not distributed."""
-    _, world_size = _world()
-    if world_size == 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value
-
-
-def global_mean(local_values: torch.Tensor) -> torch.Tensor:
-    """Mean over the elements of every process, differentiable w.r.t. this process's elements.
-
-    The value is the global mean on every rank; the gradient is scaled by the world size so that DDP's
-    gradient averaging gives exactly the single-process gradient (needed where the mean enters a non-linear
-    term, e.g. ``|mean - prior|``).
-    """
-    _, world_size = _world()
-    if world_size == 1:
-        return local_values.mean()
-    local_sum = local_values.sum()
-    totals = global_sum(torch.stack([local_sum.detach(), local_sum.new_tensor(local_values.numel())]))
-    mean = (local_sum + (totals[0] - local_sum.detach())) / totals[1]
-    return world_size * mean - (world_size - 1) * mean.detach()
-
-
-def symmetric_infonce(local_logits: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric cross-entropy of a [n, n * world] logit block whose positives lie on the global diagonal.
-
-    Row i of this process is positive with column ``rank * n + i``. The column direction needs every process's
-    rows, so the block is gathered (with gradient) to the full [n * world, n * world] matrix. ``excluded``
-    (bool, the block's shape, never true on the diagonal) removes pairs from both directions' negatives.
-    """
-    rank, _ = _world()
-    num_rows = local_logits.shape[0]
-    if excluded is not None:
-        local_logits = local_logits.masked_fill(excluded, float("-inf"))
-    targets = torch.arange(num_rows, device=local_logits.device) + rank * num_rows
-    row_loss = F.cross_entropy(local_logits, targets)
-    full_logits = gather_with_grad(local_logits)
-    column_logits = full_logits[:, rank * num_rows : (rank + 1) * num_rows].t()
-    column_loss = F.cross_entropy(column_logits, targets)
-    return (row_loss + column_loss) / 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1109,7 +1038,7 @@ class CoDeModel(CoDePreTrainedModel):
         positive = torch.zeros(soft_masks.shape[:2], dtype=torch.bool, device=soft_masks.device)
         positive[rows, rows + rank * num_rows] = True
         positive_logits = mask_logits[rows, rows + rank * num_rows]
-        excluded = self._same_noun_pairs(noun_input_ids, positive) if config.exclude_same_noun_negatives else None
+        excluded = same_noun_pairs(noun_input_ids, positive) if config.exclude_same_noun_negatives else None
         hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
         # 5. the loss terms. A term weighted 0 is not computed, nor is a pass that only such terms need: the
@@ -1125,7 +1054,9 @@ class CoDeModel(CoDePreTrainedModel):
         terms = {
             "kg": lambda: 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
             "tcl_feature": lambda: symmetric_infonce(
-                self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings), excluded
+                tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings,
+                                   self._logit_scale(self.tcl_feature_logit_scale), config.mask_pool_eps),
+                excluded,
             ),
             "tcl_image": lambda: symmetric_infonce(
                 self._logit_scale(self.tcl_image_logit_scale) * region_embeddings() @ all_noun_embeddings.t(),
@@ -1133,11 +1064,11 @@ class CoDeModel(CoDePreTrainedModel):
             ),
             "tv_image": lambda: total_variation(image_embeddings),
             "tv_mask": lambda: total_variation(soft_masks),
-            "area_positive": lambda: (global_mean(soft_masks[positive]) - config.area_positive_prior).abs(),
-            "area_negative": lambda: (global_mean(soft_masks[~positive]) - config.area_negative_prior).abs()
-            if (~positive).any()
-            else soft_masks.new_zeros(()),
-            "text_segmentation": lambda: self._text_segmentation_loss(highlighted_words()[0], text_labels),
+            "area_positive": lambda: area_prior_loss(soft_masks[positive], config.area_positive_prior),
+            "area_negative": lambda: area_prior_loss(soft_masks[~positive], config.area_negative_prior),
+            "text_segmentation": lambda: text_segmentation_loss(
+                highlighted_words()[0], text_labels, config.text_segmentation_background_weight
+            ),
             "hcl": lambda: symmetric_infonce(
                 self._logit_scale(self.hcl_logit_scale)
                 * highlighted_words()[1]
@@ -1173,43 +1104,6 @@ class CoDeModel(CoDePreTrainedModel):
     # ---------------------------------------------------------------- training helpers
     def _logit_scale(self, log_scale: torch.Tensor) -> torch.Tensor:
         return log_scale.exp().clamp(max=self.config.logit_scale_max)
-
-    @staticmethod
-    def _same_noun_pairs(noun_input_ids: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Pairs of rows that name the same noun, positives left out: bool [N, N_global].
-
-        noun_input_ids [N, L] (this process's rows); positive [N, N_global] marks each row's own column.
-        """
-        all_noun_ids = gather(noun_input_ids)
-        return (noun_input_ids[:, None] == all_noun_ids[None]).all(-1) & ~positive
-
-    def _text_segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Class-weighted cross-entropy of logits [B, K + 1, L] vs labels [B, L] (-1 ignored).
-
-        Normalised by the weight total of the GLOBAL batch (times the world size, undone by gradient
-        averaging), so several processes give exactly the single-process weighted mean.
-        """
-        weights = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
-        weights[0] = self.config.text_segmentation_background_weight
-        per_token = F.cross_entropy(logits, labels, weight=weights, ignore_index=-1, reduction="none")
-        weight_total = weights[labels.clamp(min=0)][labels >= 0].sum()
-        _, world_size = _world()
-        return world_size * per_token.sum() / global_sum(weight_total).clamp(min=1e-12)
-
-    def _tcl_feature_logits(
-        self, image_embeddings: torch.Tensor, soft_masks: torch.Tensor, all_noun_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """Row i's embeddings pooled with its soft mask for noun j, cosine with noun j, scaled: [N, N_global].
-
-        image_embeddings [B, C, H', W']; soft_masks [N, N_global, H', W'] with rows noun-major (row i is image
-        i % B), so the rows' embeddings are never materialised.
-        """
-        batch_size = image_embeddings.shape[0]
-        per_image = soft_masks.unflatten(0, (-1, batch_size)).flatten(-2)  # [K, B, N_global, H' W']
-        pooled = torch.einsum("bcp,kbmp->kbmc", image_embeddings.flatten(2), per_image).flatten(0, 1)
-        pooled = pooled / (soft_masks.sum((-2, -1))[..., None] + self.config.mask_pool_eps)
-        cosine = (F.normalize(pooled, dim=-1) * all_noun_embeddings[None]).sum(-1)
-        return self._logit_scale(self.tcl_feature_logit_scale) * cosine
 
     def _highlight_regions(self, pixel_values: torch.Tensor, hard_masks: torch.Tensor, num_words: int) -> torch.Tensor:
         """Each row's image with its hard positive mask kept and the rest replaced by the learnable background.

@@ -15,12 +15,12 @@ from transformers import AutoConfig, AutoModel
 
 import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
+from modeling_code.losses import symmetric_infonce, tcl_feature_logits
 from modeling_code.modeling_code import (
     CoDeUpsampleBlock,
     PatchEmbeddingConv2d,
     gumbel_sigmoid_straight_through,
     self_only_attention_block,
-    symmetric_infonce,
     total_variation,
 )
 
@@ -337,12 +337,13 @@ def test_feature_pooling_reads_each_image_once_for_all_its_noun_rows(tiny_code_m
     image_embeddings = F.normalize(torch.randn(batch_size, 32, 5, 4), dim=1)
     soft_masks = torch.rand(batch_size * num_words, num_nouns, 5, 4)
     nouns = F.normalize(torch.randn(num_nouns, 32), dim=-1)
-    logits = tiny_code_model._tcl_feature_logits(image_embeddings, soft_masks, nouns)
+    scale = tiny_code_model.tcl_feature_logit_scale.exp().clamp(max=tiny_code_model.config.logit_scale_max)
+    logits = tcl_feature_logits(image_embeddings, soft_masks, nouns, scale, tiny_code_model.config.mask_pool_eps)
     rows = image_embeddings.repeat(num_words, 1, 1, 1)  # noun-major rows: row i is image i % B
     pooled = torch.einsum("nchw,nmhw->nmc", rows, soft_masks) / (soft_masks.sum((-2, -1))[..., None]
                                                                  + tiny_code_model.config.mask_pool_eps)
     cosine = (F.normalize(pooled, dim=-1) * nouns[None]).sum(-1)
-    expected = tiny_code_model.tcl_feature_logit_scale.exp().clamp(max=tiny_code_model.config.logit_scale_max) * cosine
+    expected = scale * cosine
     torch.testing.assert_close(logits, expected)
 
 
