@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ from transformers import AutoConfig, AutoModel
 import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
 from modeling_code.losses import symmetric_infonce, tcl_feature_logits
-from modeling_code.modeling_code import (
-    CoDeUpsampleBlock,
+from modeling_code.modeling_code import CoDeUpsampleBlock, gumbel_sigmoid_straight_through
+from modeling_code.ops import (
+    MemoryLeanQuickGELU,
     PatchEmbeddingConv2d,
-    gumbel_sigmoid_straight_through,
     self_only_attention_block,
     total_variation,
 )
@@ -513,6 +514,24 @@ def test_save_and_auto_load_are_bit_identical(tiny_code_model, tiny_tokenizer, t
     assert torch.equal(a.masks, b.masks)
 
 
+def test_memory_lean_layers_keep_the_saved_keys_and_config_of_0_1_0(tmp_path):
+    """The swap of CLIP's layers changes no saved name: the state-dict keys are those of the 0.1.0 model."""
+    from safetensors import safe_open
+
+    saved_by_0_1_0 = Path(__file__).resolve().parent / "data" / "model_v0_1"
+    with safe_open(str(saved_by_0_1_0 / "model.safetensors"), "pt") as weights:
+        keys_of_0_1_0 = sorted(weights.keys())
+    model = CoDeModel(CoDeConfig.from_pretrained(saved_by_0_1_0))
+    assert isinstance(model.clip.vision_model.embeddings.patch_embedding, PatchEmbeddingConv2d)
+    assert sorted(model.state_dict()) == keys_of_0_1_0
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        assert sorted(weights.keys()) == keys_of_0_1_0
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.clip_config.vision_config.hidden_act == "quick_gelu"
+    assert config.clip_config.text_config.hidden_act == "quick_gelu"
+
+
 def test_loaded_model_keeps_the_clip_frozen(tiny_code_model, tmp_path):
     tiny_code_model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path)
@@ -576,8 +595,6 @@ def test_the_frozen_clip_embeds_patches_with_a_matrix_product(tiny_code_model):
 
 def test_memory_lean_quick_gelu_matches_clip_and_saves_one_tensor(tiny_code_model):
     from transformers.activations import QuickGELUActivation
-
-    from modeling_code.modeling_code import MemoryLeanQuickGELU
 
     assert isinstance(tiny_code_model.clip.vision_model.encoder.layers[0].mlp.activation_fn, MemoryLeanQuickGELU)
     x = (torch.randn(3, 7, 11) * 4).requires_grad_()
