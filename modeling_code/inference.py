@@ -414,20 +414,21 @@ def segment_images(
     for index, image in enumerate(images):
         for window in sliding_windows(*image.shape[-2:], window_size, window_stride):
             groups.setdefault((window.height, window.width), []).append((index, window))
-    for jobs in groups.values():
-        for batch in _batches(jobs, 1 if plain else window_batch_size):
-            crops = torch.stack(
-                [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
-            )
-            padded, pads = pad_to_multiple(crops, config.patch_size)
-            masks = _refined_masks(model, padded, vocabulary, settings)
-            for row, (index, window) in enumerate(batch):
-                # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
-                scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
-                rows = slice(window.top, window.top + window.height)
-                columns = slice(window.left, window.left + window.width)
-                sums[index][:, rows, columns] += scores
-                counts[index][rows, columns] += 1
+    with model.prepared_for_inference():
+        for jobs in groups.values():
+            for batch in _batches(jobs, 1 if plain else window_batch_size):
+                crops = torch.stack(
+                    [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
+                )
+                padded, pads = pad_to_multiple(crops, config.patch_size)
+                masks = _refined_masks(model, padded, vocabulary, settings)
+                for row, (index, window) in enumerate(batch):
+                    # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
+                    scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
+                    rows = slice(window.top, window.top + window.height)
+                    columns = slice(window.left, window.left + window.width)
+                    sums[index][:, rows, columns] += scores
+                    counts[index][rows, columns] += 1
 
     logits = []
     for summed, count in zip(sums, counts):

@@ -10,6 +10,7 @@ C joint embedding width, W_v / W_t vision / text widths, L text positions, h x w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator
@@ -40,7 +41,9 @@ from .ops import (
     causal_block_packed,
     class_token_block,
     self_only_attention_block,
+    tap_layout,
     total_variation,
+    upsampled_conv3x3,
     use_memory_lean_layers,
 )
 
@@ -70,96 +73,6 @@ def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, nois
 # --------------------------------------------------------------------------------------------------------------
 # Masker
 # --------------------------------------------------------------------------------------------------------------
-def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
-    """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
-
-    ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
-    (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
-    ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
-    phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
-    offset dimension.
-    """
-    size = taps.shape[axis]
-    offset = [taps.select(axis + 2, k) for k in range(3)]
-    if phase == 0:
-        total = offset[1] + offset[2]
-        total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
-    else:
-        total = offset[0] + offset[1]
-        total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
-    return total
-
-
-def _spread_phase_grads(phase0: torch.Tensor, phase1: torch.Tensor, axis: int, taps: torch.Tensor, dim: int) -> None:
-    """Adjoint of ``_sum_phase_taps``: gradients of both output phases -> gradients of the 3 taps (written to
-    ``taps.select(dim, k)``). Tap 0 feeds phase 0 one row down and phase 1 in place; tap 1 both in place; tap 2
-    phase 0 in place and phase 1 one row up."""
-    size = phase0.shape[axis]
-    first, middle, last = (taps.select(dim, k) for k in range(3))
-    first.copy_(phase1).narrow(axis, 0, size - 1).add_(phase0.narrow(axis, 1, size - 1))
-    torch.add(phase0, phase1, out=middle)
-    last.copy_(phase0).narrow(axis, 1, size - 1).add_(phase1.narrow(axis, 0, size - 1))
-
-
-class _UpsampledConvPhaseSum(torch.autograd.Function):
-    """Tap products [B, H, W, 3, 3, C] -> the 3×3 convolution of the nearest-×2 upsampled map, as its four
-    phases [B, H, 2, W, 2, C] (no bias). A hand-written backward: autograd's would allocate and fill a
-    zero tensor of the full tap size for every slice the forward reads."""
-
-    @staticmethod
-    def forward(ctx, taps: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _, _, channels = taps.shape
-        out = taps.new_empty(batch, height, 2, width, 2, channels)
-        for column_phase in range(2):
-            column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
-            for row_phase in range(2):
-                out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-        batch, height, _, width, _, channels = grad_out.shape
-        column_sums = grad_out.new_empty(batch, height, width, 3, 2, channels)  # [.., row tap, column phase, C]
-        for column_phase in range(2):
-            _spread_phase_grads(grad_out[:, :, 0, :, column_phase], grad_out[:, :, 1, :, column_phase], 1,
-                                column_sums[..., column_phase, :], 3)
-        taps = grad_out.new_empty(batch, height, width, 3, 3, channels)
-        _spread_phase_grads(column_sums[..., 0, :], column_sums[..., 1, :], 2, taps, 4)
-        return taps
-
-
-def _tap_layout(weight: torch.Tensor) -> torch.Tensor:
-    """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
-    output channel): a copy, since no view of the weight has that layout."""
-    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
-
-
-class _TapProducts(torch.autograd.Function):
-    """``activated [M, C_in] @ _tap_layout(weight)``, keeping the weight itself for backward and laying it out
-    again there. Autograd would keep the laid-out copy from forward to backward (21 MB per decoder block).
-    Backward computes in the forward product's dtype (autocast may have lowered it); autograd casts the
-    gradients back to the inputs' dtypes."""
-
-    @staticmethod
-    def forward(ctx, activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(activated, weight)
-        taps = activated @ _tap_layout(weight)
-        ctx.compute_dtype = taps.dtype
-        return taps
-
-    @staticmethod
-    def backward(ctx, grad_taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        activated, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
-        grad_taps = grad_taps.to(ctx.compute_dtype)
-        grad_activated = grad_taps @ _tap_layout(weight).t() if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            out_channels, in_channels = weight.shape[:2]
-            grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
-            grad_weight = grad_weight.contiguous()
-        return grad_activated, grad_weight
-
-
 class CoDeLayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a [B, C, H, W] map."""
 
@@ -172,10 +85,8 @@ class CoDeUpsampleBlock(nn.Module):
 
     ``plain_forward`` is the literal definition on [B, C, H, W] maps. ``forward`` computes the same values on
     channels-last [B, H, W, C] maps with less work. LayerNorm and GELU act per pixel, so they commute with
-    nearest upsampling and run at low resolution. Every output pixel of the 3×3 convolution of the upsampled
-    map sums its 9 taps read at low-resolution positions, so each tap's product is computed once per
-    low-resolution pixel (one [C, 9 C] matrix product) and the four output phases add shifted slices of it:
-    9 products per low-resolution pixel, where four 2×2 phase convolutions need 16 and the plain convolution 36.
+    nearest upsampling and run at low resolution; the convolution of the upsampled map is computed from
+    low-resolution tap products (``ops.upsampled_conv3x3``).
     """
 
     def __init__(self, config: CoDeConfig):
@@ -184,33 +95,12 @@ class CoDeUpsampleBlock(nn.Module):
         self.norm = CoDeLayerNorm2d(width, eps=config.clip_config.vision_config.layer_norm_eps)
         self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
         self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
-        self._tap_cache: tuple[tuple, torch.Tensor] | None = None
+        self.tap_weights: torch.Tensor | None = None  # the kernel laid out, inside CoDeModel.prepared_for_inference
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reference path. x: [B, C, H, W] -> [B, C, 2H, 2W]."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         return x + torch.tanh(self.gate) * self.conv(F.gelu(self.norm(x)))
-
-    def _tap_weights(self) -> torch.Tensor:
-        """The 3×3 kernel as one matrix [C_in, 3 * 3 * C_out] (tap-major: row tap, column tap, output channel).
-
-        Without gradients (inference) the matrix is cached until the weights change.
-        """
-        weight = self.conv.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
-        if cacheable and self._tap_cache is not None and self._tap_cache[0] == key:
-            return self._tap_cache[1]
-        taps = _tap_layout(weight)
-        self._tap_cache = (key, taps) if cacheable else None
-        return taps
-
-    def _tap_products(self, activated: torch.Tensor) -> torch.Tensor:
-        """activated [M, C_in] -> its products with every kernel tap [M, 9 * C_out] (tap-major)."""
-        weight = self.conv.weight
-        if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
-            return _TapProducts.apply(activated, weight)
-        return activated @ self._tap_weights()
 
     def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C].
@@ -225,27 +115,9 @@ class CoDeUpsampleBlock(nn.Module):
         activated = F.gelu(
             F.layer_norm(x[:, top:bottom], (channels,), self.norm.weight, self.norm.bias, self.norm.eps)
         )
-        # per low-resolution pixel, the products of all 9 kernel taps: [B, rows, W, row tap, column tap, C]
-        band = activated[:, start - top : stop - top].reshape(-1, channels)  # 2-D: one matrix product, not a batch
-        taps = self._tap_products(band).view(batch, stop - start, width, 3, 3, channels)
-        out = _UpsampledConvPhaseSum.apply(taps)  # [B, rows, row phase, W, column phase, C]
-        if top < start:  # the row above feeds the band's first row (phase 0) with its first row tap
-            self._add_neighbour_row(out[:, 0, 0], activated[:, 0], self._tap_weights()[:, : 3 * channels])
-        if bottom > stop:  # the row below feeds the band's last row (phase 1) with its last row tap
-            self._add_neighbour_row(out[:, -1, 1], activated[:, -1], self._tap_weights()[:, 6 * channels :])
+        out = upsampled_conv3x3(activated, self.conv.weight, top < start, bottom > stop, self.tap_weights)
         out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, start:stop, None, :, None])
         return out.view(batch, 2 * (stop - start), 2 * width, channels)
-
-    @staticmethod
-    def _add_neighbour_row(out: torch.Tensor, activated: torch.Tensor, row_tap_weights: torch.Tensor) -> None:
-        """out [B, W, column phase, C] += one neighbour row's products with one row of kernel taps, column-summed.
-
-        activated [B, W, C]; row_tap_weights [C, 3 * C] (the row's three column taps).
-        """
-        batch, width, channels = activated.shape
-        taps = (activated.reshape(-1, channels) @ row_tap_weights).view(batch, 1, width, 1, 3, channels)
-        for column_phase in range(2):
-            out[:, :, column_phase] += _sum_phase_taps(taps, 2, column_phase)[:, 0, :, 0]
 
 
 class CoDeMaskerDecoder(nn.Module):
@@ -772,6 +644,24 @@ class CoDeModel(CoDePreTrainedModel):
         return F.normalize(embeddings.mean(1), dim=-1)
 
     # ---------------------------------------------------------------- inference building block
+    @contextlib.contextmanager
+    def prepared_for_inference(self) -> Iterator[CoDeModel]:
+        """Context in which passes without gradients reuse the masker decoder's kernels laid out once as tap
+        matrices (``ops.tap_layout``), where every call of a decoder block would lay its kernel out again.
+
+        ``segment_window`` enters it for its windows, ``inference.segment_images`` for all windows of a call.
+        The weights must not change inside the context; an inner context reuses the outer one's matrices.
+        """
+        blocks = [block for block in self.masker.decoder.blocks if block.tap_weights is None]
+        with torch.no_grad():
+            for block in blocks:
+                block.tap_weights = tap_layout(block.conv.weight)
+        try:
+            yield self
+        finally:
+            for block in blocks:
+                block.tap_weights = None
+
     @torch.no_grad()
     def segment_window(
         self,
@@ -791,10 +681,11 @@ class CoDeModel(CoDePreTrainedModel):
             masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid, plain=True), class_embeddings))
         else:
             masks = hidden.new_empty(hidden.shape[0], class_embeddings.shape[0], *(4 * size for size in grid))
-            for index in range(hidden.shape[0]):  # window by window, band by band: small temporaries only
-                for start, embeddings in self.masker.bands(hidden[index : index + 1], grid):
-                    band = masks[index : index + 1, :, start : start + embeddings.shape[2]]
-                    band.copy_(torch.sigmoid(self.sim2mask(embeddings, class_embeddings)))
+            with self.prepared_for_inference():
+                for index in range(hidden.shape[0]):  # window by window, band by band: small temporaries only
+                    for start, embeddings in self.masker.bands(hidden[index : index + 1], grid):
+                        band = masks[index : index + 1, :, start : start + embeddings.shape[2]]
+                        band.copy_(torch.sigmoid(self.sim2mask(embeddings, class_embeddings)))
         kp_masks = None
         if kp_class_embeddings is not None:
             dense = self.dense_clip_features(hidden, grid)

@@ -2,8 +2,9 @@
 
 - Memory-lean autograd functions, shaped like timm's ``layers/activations_me.py``: for each op plain
   ``*_fwd``/``*_bwd`` functions, an autograd ``Function`` calling them that saves only its inputs for backward,
-  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``) and total
-  variation (``total_variation``).
+  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``), total
+  variation (``total_variation``), and the masker decoder's 3×3 convolution of a nearest-×2 upsampled map
+  (``upsampled_conv3x3``: tap products and their phase sums).
 - ``PatchEmbeddingConv2d``: a ViT patch embedding as one matrix product.
 - ``use_memory_lean_layers``: swaps CLIP's layers inside a module for the memory-lean ones, in place.
 - CLIP blocks evaluated for less: self-only attention, the class token alone, and causal text sequences
@@ -165,6 +166,177 @@ def use_memory_lean_layers(module: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The masker decoder's 3×3 convolution of a nearest-×2 upsampled map, from tap products (docs/method.md#masker)
+# --------------------------------------------------------------------------------------------------------------
+def tap_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
+    output channel): a copy, since no view of the weight has that layout."""
+    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
+
+
+def tap_products_fwd(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """activated [M, C_in] -> its products with every kernel tap [M, 9 * C_out] (tap-major)."""
+    return activated @ tap_layout(weight)
+
+
+def tap_products_bwd(
+    activated: torch.Tensor, weight: torch.Tensor, grad_taps: torch.Tensor, needs_input_grad: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``tap_products_fwd`` w.r.t. (activated, weight), each None where not needed."""
+    grad_activated = grad_taps @ tap_layout(weight).t() if needs_input_grad[0] else None
+    grad_weight = None
+    if needs_input_grad[1]:
+        out_channels, in_channels = weight.shape[:2]
+        grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
+        grad_weight = grad_weight.contiguous()
+    return grad_activated, grad_weight
+
+
+class TapProductsFunction(torch.autograd.Function):
+    """Tap products keeping the weight itself for backward and laying it out again there, where autograd would
+    keep the laid-out copy from forward to backward. Backward computes in the forward product's dtype
+    (autocast may have lowered it); autograd casts the gradients back to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(activated, weight)
+        taps = tap_products_fwd(activated, weight)
+        ctx.compute_dtype = taps.dtype
+        return taps
+
+    @staticmethod
+    def backward(ctx, grad_taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        activated, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
+        return tap_products_bwd(activated, weight, grad_taps.to(ctx.compute_dtype), ctx.needs_input_grad)
+
+
+def tap_products(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """activated [M, C_in], 3×3 weight [C_out, C_in, 3, 3] -> [M, 9 * C_out] (tap-major), lean for backward."""
+    return TapProductsFunction.apply(activated, weight)
+
+
+def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
+    """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
+
+    ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
+    (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
+    ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
+    phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
+    offset dimension.
+    """
+    size = taps.shape[axis]
+    offset = [taps.select(axis + 2, k) for k in range(3)]
+    if phase == 0:
+        total = offset[1] + offset[2]
+        total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
+    else:
+        total = offset[0] + offset[1]
+        total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
+    return total
+
+
+def _spread_phase_grads(phase0: torch.Tensor, phase1: torch.Tensor, axis: int, taps: torch.Tensor, dim: int) -> None:
+    """Adjoint of ``_sum_phase_taps``: gradients of both output phases -> gradients of the 3 taps (written to
+    ``taps.select(dim, k)``). Tap 0 feeds phase 0 one row down and phase 1 in place; tap 1 both in place; tap 2
+    phase 0 in place and phase 1 one row up."""
+    size = phase0.shape[axis]
+    first, middle, last = (taps.select(dim, k) for k in range(3))
+    first.copy_(phase1).narrow(axis, 0, size - 1).add_(phase0.narrow(axis, 1, size - 1))
+    torch.add(phase0, phase1, out=middle)
+    last.copy_(phase0).narrow(axis, 1, size - 1).add_(phase1.narrow(axis, 0, size - 1))
+
+
+def phase_sum_fwd(taps: torch.Tensor) -> torch.Tensor:
+    """Tap products [B, H, W, 3, 3, C] -> the 3×3 convolution of the nearest-×2 upsampled map as its four
+    phases [B, H, 2, W, 2, C] (row phase, column phase; no bias)."""
+    batch, height, width, _, _, channels = taps.shape
+    out = taps.new_empty(batch, height, 2, width, 2, channels)
+    for column_phase in range(2):
+        column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
+        for row_phase in range(2):
+            out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+    return out
+
+
+def phase_sum_bwd(grad_out: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``phase_sum_fwd`` w.r.t. the tap products: [B, H, 2, W, 2, C] -> [B, H, W, 3, 3, C]."""
+    batch, height, _, width, _, channels = grad_out.shape
+    column_sums = grad_out.new_empty(batch, height, width, 3, 2, channels)  # [.., row tap, column phase, C]
+    for column_phase in range(2):
+        _spread_phase_grads(grad_out[:, :, 0, :, column_phase], grad_out[:, :, 1, :, column_phase], 1,
+                            column_sums[..., column_phase, :], 3)
+    taps = grad_out.new_empty(batch, height, width, 3, 3, channels)
+    _spread_phase_grads(column_sums[..., 0, :], column_sums[..., 1, :], 2, taps, 4)
+    return taps
+
+
+class UpsampledConvPhaseSumFunction(torch.autograd.Function):
+    """The phase sums with a hand-written backward: autograd's would allocate and fill a zero tensor of the
+    full tap size for every slice the forward reads."""
+
+    @staticmethod
+    def forward(ctx, taps: torch.Tensor) -> torch.Tensor:
+        return phase_sum_fwd(taps)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        return phase_sum_bwd(grad_out)
+
+
+def _add_neighbour_row(out: torch.Tensor, activated: torch.Tensor, row_tap_weights: torch.Tensor) -> None:
+    """out [B, W, column phase, C] += one neighbour row's products with one row of kernel taps, column-summed.
+
+    activated [B, W, C_in]; row_tap_weights [C_in, 3 * C_out] (the row's three column taps).
+    """
+    batch, width, channels = activated.shape
+    taps = (activated.reshape(-1, channels) @ row_tap_weights).view(batch, 1, width, 1, 3, -1)
+    for column_phase in range(2):
+        out[:, :, column_phase] += _sum_phase_taps(taps, 2, column_phase)[:, 0, :, 0]
+
+
+def upsampled_conv3x3(
+    activated: torch.Tensor,
+    weight: torch.Tensor,
+    row_above: bool = False,
+    row_below: bool = False,
+    tap_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The 3×3 convolution (zero padding 1, no bias) of the nearest-×2 upsampled map, for a band of rows.
+
+    activated: [B, R, W, C_in] channels last: the band's low-resolution rows, preceded by the map's row above
+    the band when ``row_above`` and followed by the row below it when ``row_below`` (without them the band
+    touches the map's border, where the convolution reads its zero padding). weight: [C_out, C_in, 3, 3].
+    Returns the output rows of the band as phases [B, n, 2, W, 2, C_out] (n band rows; row phase, column
+    phase), i.e. [B, 2n, 2W, C_out] once viewed so. ``tap_weights``: ``tap_layout(weight)`` computed
+    beforehand, used where no gradient is needed; by default the weight is laid out in the call.
+
+    Every output pixel of the convolution of the upsampled map sums 9 taps read at low-resolution positions,
+    so each tap's product is computed once per low-resolution pixel (one [C_in, 9 C_out] matrix product) and
+    the four output phases add shifted slices of it: 9 products per low-resolution pixel, where four 2×2 phase
+    convolutions need 16 and the convolution of the upsampled map 36. A neighbour row adds only the one row of
+    taps that reaches into the band.
+    """
+    batch, rows, width, channels = activated.shape
+    rows -= row_above + row_below
+    band = activated[:, int(row_above) : int(row_above) + rows].reshape(-1, channels)  # 2-D: one matrix product
+    if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
+        tap_weights = None
+        taps = tap_products(band, weight)
+    else:  # the weight laid out once, for the band and its neighbour rows
+        tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
+        taps = band @ tap_weights
+    out = UpsampledConvPhaseSumFunction.apply(taps.view(batch, rows, width, 3, 3, -1))
+    if row_above or row_below:
+        tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
+        out_channels = weight.shape[0]
+        if row_above:  # the row above feeds the band's first row (phase 0) with its first row of taps
+            _add_neighbour_row(out[:, 0, 0], activated[:, 0], tap_weights[:, : 3 * out_channels])
+        if row_below:  # the row below feeds the band's last row (phase 1) with its last row of taps
+            _add_neighbour_row(out[:, -1, 1], activated[:, -1], tap_weights[:, 6 * out_channels :])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
 # CLIP blocks evaluated for less
 # --------------------------------------------------------------------------------------------------------------
 def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -276,15 +448,24 @@ __all__ = [
     "PackedSequences",
     "PatchEmbeddingConv2d",
     "QuickGELUFunction",
+    "TapProductsFunction",
     "TotalVariationFunction",
+    "UpsampledConvPhaseSumFunction",
     "causal_attention_mask",
     "causal_block_packed",
     "class_token_block",
+    "phase_sum_bwd",
+    "phase_sum_fwd",
     "quick_gelu_bwd",
     "quick_gelu_fwd",
     "self_only_attention_block",
+    "tap_layout",
+    "tap_products",
+    "tap_products_bwd",
+    "tap_products_fwd",
     "total_variation",
     "total_variation_bwd",
     "total_variation_fwd",
+    "upsampled_conv3x3",
     "use_memory_lean_layers",
 ]

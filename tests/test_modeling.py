@@ -22,6 +22,7 @@ from modeling_code.ops import (
     MemoryLeanQuickGELU,
     PatchEmbeddingConv2d,
     self_only_attention_block,
+    tap_products,
     total_variation,
 )
 
@@ -163,7 +164,7 @@ def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkey
                                model.segment_window(pixels, prompted, plain=True).masks, rtol=1e-5, atol=1e-5)
 
 
-def test_tap_weight_cache_follows_weight_updates(tiny_clip_config):
+def test_upsampling_block_follows_in_place_weight_updates(tiny_clip_config):
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     x = torch.randn(1, 48, 3, 4)
     with torch.no_grad():
@@ -173,6 +174,27 @@ def test_tap_weight_cache_follows_weight_updates(tiny_clip_config):
         second = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
         torch.testing.assert_close(second, block.plain_forward(x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first.permute(0, 3, 1, 2), second)
+
+
+def test_kernels_laid_out_for_inference_give_the_same_masks_and_are_dropped_after(tiny_code_model):
+    model = tiny_code_model
+    with torch.no_grad():
+        for block in model.masker.decoder.blocks:
+            block.gate.fill_(0.6)
+        hidden, grid = model.encode_image_dense(torch.randn(2, 3, 40, 24))
+        expected = model.masker(hidden, grid)
+    blocks = model.masker.decoder.blocks
+    with model.prepared_for_inference():
+        prepared = [block.tap_weights for block in blocks]
+        assert all(weights is not None and not weights.requires_grad for weights in prepared)
+        with model.prepared_for_inference():  # an inner context keeps the outer one's matrices
+            assert all(block.tap_weights is weights for block, weights in zip(blocks, prepared))
+        assert all(block.tap_weights is weights for block, weights in zip(blocks, prepared))
+        with torch.no_grad():
+            torch.testing.assert_close(model.masker(hidden, grid), expected, rtol=0, atol=0)
+            bands = [band for _, band in model.masker.bands(hidden[:1], grid)]
+        torch.testing.assert_close(torch.cat(bands, dim=2), expected[:1], rtol=1e-5, atol=1e-5)
+    assert all(block.tap_weights is None for block in blocks)
 
 
 def test_dense_path_matches_direct_computation(tiny_code_model):
@@ -322,7 +344,7 @@ def test_total_variation_gradient_keeps_only_its_input():
 def test_tap_products_keep_the_weight_itself_for_backward(tiny_clip_config):
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     activated = torch.randn(10, 48, requires_grad=True)
-    taps, saved = _storages_saved_for_backward(block._tap_products, activated)
+    taps, saved = _storages_saved_for_backward(lambda x: tap_products(x, block.conv.weight), activated)
     assert saved == {activated.untyped_storage().data_ptr(), block.conv.weight.untyped_storage().data_ptr()}
     upstream = torch.randn_like(taps)
     grads = torch.autograd.grad(taps, [activated, block.conv.weight], upstream)
