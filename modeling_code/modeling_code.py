@@ -83,10 +83,9 @@ class CoDeLayerNorm2d(nn.LayerNorm):
 class CoDeUpsampleBlock(nn.Module):
     """Pre-activation residual block: ``up(x) + tanh(gate) * conv3x3(GELU(LN(up(x))))`` with ``up`` nearest ×2.
 
-    ``plain_forward`` is the literal definition on [B, C, H, W] maps. ``forward`` computes the same values on
-    channels-last [B, H, W, C] maps with less work. LayerNorm and GELU act per pixel, so they commute with
-    nearest upsampling and run at low resolution; the convolution of the upsampled map is computed from
-    low-resolution tap products (``ops.upsampled_conv3x3``).
+    Computed on channels-last [B, H, W, C] maps with less work than the definition (docs/method.md#masker):
+    LayerNorm and GELU act per pixel, so they commute with nearest upsampling and run at low resolution; the
+    convolution of the upsampled map is computed from low-resolution tap products (``ops.upsampled_conv3x3``).
     """
 
     def __init__(self, config: CoDeConfig):
@@ -97,13 +96,8 @@ class CoDeUpsampleBlock(nn.Module):
         self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
         self.tap_weights: torch.Tensor | None = None  # the kernel laid out, inside CoDeModel.prepared_for_inference
 
-    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference path. x: [B, C, H, W] -> [B, C, 2H, 2W]."""
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return x + torch.tanh(self.gate) * self.conv(F.gelu(self.norm(x)))
-
     def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C].
+        """x: [B, H, W, C] -> [B, 2H, 2W, C] (channels last).
 
         ``rows=(start, stop)`` computes only the output rows of low-resolution rows ``start:stop``: [B, 2 (stop -
         start), 2W, C]. The rows just outside the band add their one needed row of taps (the convolution's
@@ -127,12 +121,7 @@ class CoDeMaskerDecoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([CoDeUpsampleBlock(config) for _ in range(config.decoder_num_blocks)])
 
-    def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
-        if plain:
-            x = x.permute(0, 3, 1, 2)
-            for block in self.blocks:
-                x = block.plain_forward(x)
-            return x.permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
         return x
@@ -171,13 +160,15 @@ class CoDeMasker(nn.Module):
         self.decoder = CoDeMaskerDecoder(config)
         self.projection = CoDeMaskerProjection(config)
 
-    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int], plain: bool = False) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w].
 
         E is unit-norm over C; it is computed channels last, and returned as a (channels-last strided) view.
+        The whole batch in one pass, no row bands and nothing kept between calls: the training path, and the
+        one to trace (``torch.export``, ONNX).
         """
         feature_map = self._feature_map(hidden_states, grid_size)
-        return self._embed(self.decoder(feature_map, plain=plain))
+        return self._embed(self.decoder(feature_map))
 
     def bands(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
         """The same E in bands of rows: yields (first row, E band [B, C, rows, 4w]).
@@ -503,26 +494,21 @@ class CoDeModel(CoDePreTrainedModel):
         features = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)), dim=-1)
         return features.transpose(1, 2).reshape(features.shape[0], -1, *grid_size)
 
-    def encode_image_global(
-        self, pixel_values: torch.Tensor, plain: bool = False, checkpoint_layers: bool = False
-    ) -> torch.Tensor:
+    def encode_image_global(self, pixel_values: torch.Tensor, checkpoint_layers: bool = False) -> torch.Tensor:
         """Ordinary CLIP image embedding (full attention), unit norm: [B, 3, H, W] -> [B, C].
 
-        The last block runs for the class token only (``class_token_block``); ``plain`` runs CLIP's own
-        vision model instead. Same result up to float rounding. ``checkpoint_layers``: see ``encode_image_dense``.
+        The last block runs for the class token only (``class_token_block``): CLIP's own vision model's result
+        up to float rounding. ``checkpoint_layers``: see ``encode_image_dense``.
         """
         vision = self.clip.vision_model
-        if plain:
-            pooled = vision(pixel_values, interpolate_pos_encoding=True).pooler_output
-        else:
-            hidden, _ = self.encode_image_dense(pixel_values, checkpoint_layers)
-            last = vision.encoder.layers[-1]
-            class_token = (
-                checkpoint(class_token_block, last, hidden, use_reentrant=False)
-                if checkpoint_layers
-                else class_token_block(last, hidden)
-            )
-            pooled = vision.post_layernorm(class_token[:, 0])
+        hidden, _ = self.encode_image_dense(pixel_values, checkpoint_layers)
+        last = vision.encoder.layers[-1]
+        class_token = (
+            checkpoint(class_token_block, last, hidden, use_reentrant=False)
+            if checkpoint_layers
+            else class_token_block(last, hidden)
+        )
+        pooled = vision.post_layernorm(class_token[:, 0])
         return F.normalize(self.clip.visual_projection(pooled), dim=-1)
 
     def encode_text_embeddings(
@@ -614,33 +600,26 @@ class CoDeModel(CoDePreTrainedModel):
         return self.encode_text_embeddings(embeddings, eos_index, cut_at_eos)
 
     @torch.no_grad()
-    def get_class_embeddings(self, class_input_ids: torch.Tensor, plain: bool = False) -> torch.Tensor:
-        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C].
+    def get_class_embeddings(self, class_input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C] (``encode_nouns`` without gradient).
 
-        Start token and learned context, the same for every class, run once (``plain``: every row in full).
+        Start token and learned context, the same for every class, run once.
         """
-        if plain:
-            return self.encode_nouns(class_input_ids)
         embeddings, eos_index = self.prompt_learner(class_input_ids, self.clip.text_model.embeddings.token_embedding)
         prefix_length = min(1 + self.config.prompt_context_length, int(eos_index.min()))
         return self.encode_text_groups([(embeddings, eos_index, prefix_length)])[0]
 
     @torch.no_grad()
-    def get_template_class_embeddings(
-        self, template_input_ids: torch.Tensor, num_templates: int, plain: bool = False
-    ) -> torch.Tensor:
+    def get_template_class_embeddings(self, template_input_ids: torch.Tensor, num_templates: int) -> torch.Tensor:
         """Template-ensembled frozen CLIP class embeddings for the KP branch.
 
         template_input_ids [N_cls * T, L] (class-major) -> mean of unit embeddings, re-normalised: [N_cls, C].
         Each template's prompts share the words before the class name, which run once per template, and all
-        templates run in one packed pass (``encode_text_groups``); ``plain`` runs every prompt in full instead.
+        templates run in one packed pass (``encode_text_groups``).
         """
-        if plain:
-            embeddings = self.encode_text(template_input_ids).view(-1, num_templates, self.config.clip_config.projection_dim)
-        else:
-            by_template = template_input_ids.view(-1, num_templates, template_input_ids.shape[-1])
-            groups = [self._template_group(by_template[:, index]) for index in range(num_templates)]
-            embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
+        by_template = template_input_ids.view(-1, num_templates, template_input_ids.shape[-1])
+        groups = [self._template_group(by_template[:, index]) for index in range(num_templates)]
+        embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
         return F.normalize(embeddings.mean(1), dim=-1)
 
     # ---------------------------------------------------------------- inference building block
@@ -668,17 +647,20 @@ class CoDeModel(CoDePreTrainedModel):
         pixel_values: torch.Tensor,
         class_embeddings: torch.Tensor,
         kp_class_embeddings: torch.Tensor | None = None,
-        plain: bool = False,
+        banded: bool = True,
     ) -> CoDeWindowOutput:
-        """Soft masks for windows already padded to multiples of the patch size (spec §3.2 steps 2 and 4).
+        """Soft masks for windows already padded to multiples of the patch size (docs/method.md#inference-protocol).
 
         pixel_values [B, 3, H, W]; class_embeddings [N_cls, C] (prompted); kp_class_embeddings [N_cls, C]
-        (template ensembles) or None to skip the KP branch. ``plain`` runs the reference decoder.
+        (template ensembles) or None to skip the KP branch. ``banded``: the masker runs window by window and its
+        last decoder block in row bands, so its large temporaries stay small; ``banded=False`` runs the batch
+        through ``CoDeMasker.forward`` (one pass, nothing prepared: the path to trace). Same masks up to float
+        rounding.
         """
         hidden, grid = self.encode_image_dense(pixel_values)
         class_embeddings = class_embeddings.to(hidden.dtype)
-        if plain:
-            masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid, plain=True), class_embeddings))
+        if not banded:
+            masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid), class_embeddings))
         else:
             masks = hidden.new_empty(hidden.shape[0], class_embeddings.shape[0], *(4 * size for size in grid))
             with self.prepared_for_inference():

@@ -12,6 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_CODE_OVERRIDES, pad_token_ids
+from reference_implementations import (
+    class_embeddings_reference,
+    decoder_reference,
+    encode_image_global_reference,
+    masker_reference,
+    segment_window_reference,
+    template_class_embeddings_reference,
+    upsample_block_reference,
+)
 from transformers import AutoConfig, AutoModel
 
 import modeling_code.modeling_code
@@ -87,10 +96,11 @@ def test_single_frozen_clip_and_initialisation_from_clip(tiny_code_model, tiny_t
     assert all(float(block.gate.detach()) == 0.0 for block in model.masker.decoder.blocks)
 
 
-@pytest.mark.parametrize("plain", [False, True])
-def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, plain):
+@pytest.mark.parametrize("reference", [False, True])
+def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, reference):
     x = torch.randn(2, 3, 5, 48)  # channels last
-    out = tiny_code_model.masker.decoder(x, plain=plain)
+    decoder = tiny_code_model.masker.decoder
+    out = decoder_reference(decoder, x) if reference else decoder(x)
     assert out.shape == (2, 12, 20, 48)
     expected = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=4, mode="nearest").permute(0, 2, 3, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -106,7 +116,7 @@ def test_tap_product_convolution_equals_plain_block(tiny_clip_config, size):
         block.norm.bias.normal_()
     x = torch.randn(2, 48, *size)
     fast = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
-    torch.testing.assert_close(fast, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, upsample_block_reference(block, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(3, 5), (1, 1), (1, 4), (6, 2)])
@@ -119,7 +129,7 @@ def test_tap_product_convolution_has_the_plain_gradients(tiny_clip_config, size)
     upstream = torch.randn(2, 48, 2 * size[0], 2 * size[1])
     gradients = []
     for fast in (True, False):
-        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if fast else block.plain_forward(x)
+        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if fast else upsample_block_reference(block, x)
         gradients.append(torch.autograd.grad((out * upstream).sum(), [x, block.conv.weight, block.conv.bias,
                                                                      block.gate, block.norm.weight]))
     for fast_grad, plain_grad in zip(*gradients):
@@ -140,7 +150,7 @@ def test_row_bands_of_the_upsampling_block_equal_the_whole_map(tiny_clip_config,
         bands = [block(channels_last, (start, min(start + band_rows, size[0]))) for start in range(0, size[0], band_rows)]
     assert [band.shape[1] for band in bands] == [2 * (min(start + band_rows, size[0]) - start)
                                                  for start in range(0, size[0], band_rows)]
-    torch.testing.assert_close(torch.cat(bands, dim=1).permute(0, 3, 1, 2), block.plain_forward(x),
+    torch.testing.assert_close(torch.cat(bands, dim=1).permute(0, 3, 1, 2), upsample_block_reference(block, x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -152,7 +162,7 @@ def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkey
         for block in model.masker.decoder.blocks:
             block.gate.fill_(0.6)
         hidden, grid = model.encode_image_dense(torch.randn(1, 3, 40, 24))  # 5 x 3 patches -> 20 x 12
-        whole = model.masker(hidden, grid, plain=True)
+        whole = masker_reference(model.masker, hidden, grid)
         bands = list(model.masker.bands(hidden, grid))
     starts = [start for start, _ in bands]
     expected_bands = {1: 10, 3 * 9 * 48 * 4 * 6: 4, 1 << 30: 1}[max_tap_bytes]  # last block: 10 x 6 input rows
@@ -161,7 +171,7 @@ def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkey
     prompted = F.normalize(torch.randn(3, 32), dim=-1)
     pixels = torch.randn(2, 3, 40, 24)
     torch.testing.assert_close(model.segment_window(pixels, prompted).masks,
-                               model.segment_window(pixels, prompted, plain=True).masks, rtol=1e-5, atol=1e-5)
+                               segment_window_reference(model, pixels, prompted).masks, rtol=1e-5, atol=1e-5)
 
 
 def test_upsampling_block_follows_in_place_weight_updates(tiny_clip_config):
@@ -172,7 +182,7 @@ def test_upsampling_block_follows_in_place_weight_updates(tiny_clip_config):
         first = block(x.permute(0, 2, 3, 1).contiguous())
         block.conv.weight.mul_(2.0)  # an optimiser-style in-place update
         second = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
-        torch.testing.assert_close(second, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, upsample_block_reference(block, x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first.permute(0, 3, 1, 2), second)
 
 
@@ -231,13 +241,13 @@ def test_vocabulary_embeddings_with_shared_prefixes_equal_the_plain_ones(tiny_co
     ids = pad_token_ids(tiny_tokenizer, [template.format(name) for name in names for template in templates])
     model = tiny_code_model
     fast = model.get_template_class_embeddings(ids, len(templates))
-    torch.testing.assert_close(fast, model.get_template_class_embeddings(ids, len(templates), plain=True),
+    torch.testing.assert_close(fast, template_class_embeddings_reference(model, ids, len(templates)),
                                rtol=1e-5, atol=1e-6)
     class_ids = pad_token_ids(tiny_tokenizer, names)  # prompted: start token and learned context shared
     with torch.no_grad():
         model.prompt_learner.context.normal_()
     torch.testing.assert_close(model.get_class_embeddings(class_ids),
-                               model.get_class_embeddings(class_ids, plain=True), rtol=1e-5, atol=1e-6)
+                               class_embeddings_reference(model, class_ids), rtol=1e-5, atol=1e-6)
     by_template = ids.view(len(names), len(templates), -1)
     per_prompt = model.encode_text_groups([model._template_group(by_template[:, index]) for index in range(len(templates))])
     for index, embeddings in enumerate(per_prompt):  # per prompt, not only the ensemble
@@ -514,9 +524,13 @@ def test_segment_window_shapes(tiny_code_model, tiny_tokenizer):
         for block in model.masker.decoder.blocks:
             block.gate.fill_(0.5)
     pixels = torch.randn(2, 3, 24, 40)
-    plain = model.segment_window(pixels, prompted, None, plain=True)
+    reference = segment_window_reference(model, pixels, prompted, None)
     fast = model.segment_window(pixels, prompted, None)
-    torch.testing.assert_close(plain.masks, fast.masks, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference.masks, fast.masks, rtol=1e-5, atol=1e-5)
+    kp_banded = model.segment_window(pixels, prompted, kp)
+    kp_whole = model.segment_window(pixels, prompted, kp, banded=False)  # the batched, traceable masker path
+    torch.testing.assert_close(kp_whole.masks, kp_banded.masks, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kp_whole.kp_masks, kp_banded.kp_masks)
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -636,8 +650,8 @@ def test_global_image_embedding_with_class_token_last_block_equals_clip(tiny_cod
     pixels = torch.randn(3, 3, image_size, image_size + 8, requires_grad=True)  # an interpolated grid as well
     upstream = torch.randn(3, model.config.clip_config.projection_dim)
     results = []
-    for plain in (False, True):
-        embeddings = model.encode_image_global(pixels, plain=plain)
+    for encode in (model.encode_image_global, lambda pixels: encode_image_global_reference(model, pixels)):
+        embeddings = encode(pixels)
         results.append((embeddings, *torch.autograd.grad((embeddings * upstream).sum(), pixels)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
