@@ -1,11 +1,11 @@
-"""Open-vocabulary whole-image inference at the benchmark protocol (spec §3).
+"""Open-vocabulary whole-image inference at the benchmark protocol (docs/method.md#inference-protocol).
 
 - ``encode_vocabulary``: class names -> ``VocabularyEmbeddings`` (prompted embeddings for the masker, template
   ensembles for the KP branch). They depend only on the names, so compute them once and reuse them.
   The name ``background`` is not a text query: it stands for a constant map of ``background_threshold``.
-- ``segment_window_scores``: one window size, spec §3.2: zero-pad to the patch size, masks, PAMR, KP mix,
+- ``segment_window_scores``: one window size: zero-pad to the patch size, masks, PAMR, KP mix,
   resize to the padded size, crop the padding.
-- ``segment_images``: images already resized by the processor's evaluation transform (spec §3.3), any sizes:
+- ``segment_images``: images already resized by the processor's evaluation transform, any sizes:
   sliding windows batched through the model (windows of the same size from every image share batches),
   overlapping outputs averaged, background map inserted. Score maps stay at the processed resolution; the
   image processor's ``post_process_semantic_segmentation`` resizes them to the original sizes and takes the
@@ -136,7 +136,7 @@ def encode_vocabulary(
     class_names: Sequence[str],
     with_kp_embeddings: bool | None = None,
 ) -> VocabularyEmbeddings:
-    """Embed a vocabulary once (spec §3.1).
+    """Embed a vocabulary once.
 
     Args:
         model: the CoDe model.
@@ -196,7 +196,7 @@ class Window(NamedTuple):
 
 
 def window_starts(size: int, window_size: int, stride: int) -> list[int]:
-    """Start of every window along one axis (spec §3.3): the last window is flush with the border.
+    """Start of every window along one axis: the last window is flush with the border.
 
     ``n = max(size - window_size + stride - 1, 0) // stride + 1`` windows; window i ends at
     ``min(i * stride + window_size, size)`` and starts ``window_size`` before that, clamped at 0.
@@ -237,7 +237,7 @@ def _crop_padding(maps: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One window size (spec §3.2)
+# One window size
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _WindowSettings:
@@ -248,7 +248,7 @@ class _WindowSettings:
 def _refined_masks(
     model: CoDeModel, padded: torch.Tensor, vocabulary: VocabularyEmbeddings, settings: _WindowSettings
 ) -> torch.Tensor:
-    """Spec §3.2 steps 2-4 on padded windows [B, 3, H, W] (fp32) -> fp32 masks [B, N_text, 4h, 4w] (h x w patches)."""
+    """Masks, PAMR and KP mix of padded windows [B, 3, H, W] (fp32) -> fp32 masks [B, N_text, 4h, 4w] (h x w patches)."""
     config = model.config
     kp_embeddings = vocabulary.kp_class_embeddings if settings.kp_weight > 0 else None
     outputs = model.segment_window(padded.to(model.dtype), vocabulary.class_embeddings, kp_embeddings)
@@ -297,7 +297,7 @@ def segment_window_scores(
     use_pamr: bool | None = None,
     kp_weight: float | None = None,
 ) -> torch.Tensor:
-    """Class scores of windows of one size (spec §3.2, all five steps).
+    """Class scores of windows of one size: padding, masks, PAMR, KP mix, resize, padding cropped.
 
     pixel_values [B, 3, H, W] normalised, any H, W -> fp32 scores [B, N_text, H, W] in [0, 1].
     ``use_pamr`` / ``kp_weight`` default to the model config.
@@ -308,7 +308,7 @@ def segment_window_scores(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Whole images (spec §3.3)
+# Whole images
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class CoDeSegmentationOutput(ModelOutput):
@@ -367,7 +367,7 @@ def segment_images(
     window_stride: int | None = None,
     window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
 ) -> CoDeSegmentationOutput:
-    """Sliding-window class scores of whole images (spec §3.3 up to, not including, the final resize).
+    """Sliding-window class scores of whole images (the protocol up to, not including, the final resize).
 
     Args:
         model: the CoDe model (any device and dtype; scores are accumulated in fp32).

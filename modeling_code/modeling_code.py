@@ -467,7 +467,7 @@ class CoDeModel(CoDePreTrainedModel):
         self.clip.eval()
         return self
 
-    # ---------------------------------------------------------------- frozen CLIP uses (spec §1.1)
+    # ---------------------------------------------------------------- frozen CLIP uses
     def encode_image_dense(
         self, pixel_values: torch.Tensor, checkpoint_layers: bool = False
     ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -595,7 +595,7 @@ class CoDeModel(CoDePreTrainedModel):
 
     # ---------------------------------------------------------------- CoDe text pieces
     def encode_nouns(self, noun_input_ids: torch.Tensor, cut_at_eos: bool = True) -> torch.Tensor:
-        """Prompted noun embeddings (spec §1.4): noun ids [N, L] -> unit-norm [N, C]."""
+        """Prompted noun embeddings (docs/method.md#text-side): noun ids [N, L] -> unit-norm [N, C]."""
         embeddings, eos_index = self.prompt_learner(noun_input_ids, self.clip.text_model.embeddings.token_embedding)
         return self.encode_text_embeddings(embeddings, eos_index, cut_at_eos)
 
@@ -675,7 +675,7 @@ class CoDeModel(CoDePreTrainedModel):
             kp_masks = torch.sigmoid((cosine - self.config.kp_cos_offset) * self.config.kp_cos_scale)
         return CoDeWindowOutput(masks=masks, kp_masks=kp_masks)
 
-    # ---------------------------------------------------------------- training forward (spec §2.2)
+    # ---------------------------------------------------------------- training forward (docs/method.md#losses)
     def forward(
         self,
         pixel_values: torch.Tensor,
