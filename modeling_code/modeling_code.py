@@ -36,10 +36,11 @@ from .losses import (
     text_segmentation_loss,
 )
 from .ops import (
-    PackedSequences,
     causal_attention_mask,
     causal_block_packed,
     class_token_block,
+    gumbel_sigmoid_straight_through,
+    pack_prefix_groups,
     self_only_attention_block,
     tap_layout,
     total_variation,
@@ -51,23 +52,6 @@ from .ops import (
 # of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
 # every window, which cost more than the two neighbour rows each band adds.
 BAND_TAP_BYTES = 24 * 2**20
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Hard masks
-# --------------------------------------------------------------------------------------------------------------
-def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
-    """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
-
-    ``y = sigmoid((logits + log(u / (1 - u))) / tau)``, ``u ~ U(0, 1)``; returns ``(y > 0.5) - y.detach() + y``.
-    Without ``noise`` the logits are thresholded at 0 (same gradients, deterministic).
-    """
-    if noise:
-        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-        logits = logits + torch.log(uniform) - torch.log1p(-uniform)
-    soft = torch.sigmoid(logits / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard - soft.detach() + soft
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -551,27 +535,10 @@ class CoDeModel(CoDePreTrainedModel):
         Returns one unit-norm [N, C] per group, equal to ``encode_text_embeddings`` up to float rounding.
         """
         text = self.clip.text_model
-        positions = text.embeddings.position_embedding.weight
-        pieces, lengths, parents, eos_rows = [], [], [], []
-        for inputs_embeds, eos_index, prefix_length in groups:
-            parent = -1
-            if prefix_length:
-                parent = len(lengths)
-                pieces.append(inputs_embeds[0, :prefix_length] + positions[:prefix_length])
-                lengths.append(prefix_length)
-                parents.append(-1)
-            row_lengths = eos_index - prefix_length + 1
-            end = int(eos_index.max()) + 1
-            is_token = torch.arange(end - prefix_length, device=eos_index.device)[None] < row_lengths[:, None]
-            pieces.append((inputs_embeds[:, prefix_length:end] + positions[prefix_length:end])[is_token])
-            eos_rows.append(sum(lengths) + row_lengths.cumsum(0) - 1)
-            lengths.extend(row_lengths.tolist())
-            parents.extend([parent] * len(eos_index))
-        packing = PackedSequences.build(lengths, parents, positions.device)
-        hidden = torch.cat(pieces)
+        hidden, packing, eos_rows = pack_prefix_groups(groups, text.embeddings.position_embedding.weight)
         for layer in text.encoder.layers:
             hidden = causal_block_packed(layer, hidden, packing)
-        embeddings = self._project_text(hidden[torch.cat(eos_rows)])
+        embeddings = self._project_text(hidden[eos_rows])
         return list(embeddings.split([len(eos_index) for _, eos_index, _ in groups]))
 
     def _template_group(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -755,17 +722,7 @@ class CoDeModel(CoDePreTrainedModel):
                 excluded,
             ),
         }
-        weights = {
-            "kg": config.loss_kg_weight,
-            "tcl_feature": config.loss_tcl_feature_weight,
-            "tcl_image": config.loss_tcl_image_weight,
-            "tv_image": config.loss_tv_image_weight,
-            "tv_mask": config.loss_tv_mask_weight,
-            "area_positive": config.loss_area_positive_weight,
-            "area_negative": config.loss_area_negative_weight,
-            "text_segmentation": config.loss_text_segmentation_weight,
-            "hcl": config.loss_hcl_weight,
-        }
+        weights = {name: getattr(config, f"loss_{name}_weight") for name in terms}
         weighted = {
             f"loss_{name}": weight * terms[name]() if weight else soft_masks.new_zeros(())
             for name, weight in weights.items()

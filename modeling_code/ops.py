@@ -1,4 +1,5 @@
-"""Operations of CoDe written for less memory or less work, each computing the values of a direct computation.
+"""Tensor operations of CoDe, outside its modules. Most compute the values of a direct computation (tested
+against it) with less memory or less work:
 
 - Memory-lean autograd functions, shaped like timm's ``layers/activations_me.py``: for each op plain
   ``*_fwd``/``*_bwd`` functions, an autograd ``Function`` calling them that saves only its inputs for backward,
@@ -8,7 +9,9 @@
 - ``PatchEmbeddingConv2d``: a ViT patch embedding as one matrix product.
 - ``use_memory_lean_layers``: swaps CLIP's layers inside a module for the memory-lean ones, in place.
 - CLIP blocks evaluated for less: self-only attention, the class token alone, and causal text sequences
-  packed back to back (``PackedSequences``, ``causal_block_packed``).
+  packed back to back with shared prefixes stored once (``pack_prefix_groups``, ``causal_block_packed``).
+
+Besides, ``gumbel_sigmoid_straight_through``: the masker's hard masks, with the gradients of the soft ones.
 
 Only torch and transformers are imported: the package also runs as Hub remote code from a flat folder.
 """
@@ -422,6 +425,35 @@ class PackedSequences:
         return cls(query_index, torch.cat([parent_index, query_index], 1), attention_mask[:, None], is_token)
 
 
+def pack_prefix_groups(
+    groups: list[tuple[torch.Tensor, torch.Tensor, int]], position_embeddings: torch.Tensor
+) -> tuple[torch.Tensor, PackedSequences, torch.Tensor]:
+    """Groups of causal sequences packed back to back, each group's shared prefix stored once.
+
+    Each group is (inputs_embeds [N, L, W], eos_index [N], prefix_length): its rows share their first
+    ``prefix_length`` word embeddings (each eos_index >= prefix_length). The prefix becomes a parent sequence
+    and each row continues it up to its own EOS; position_embeddings [>= L, W] are added to every token.
+    Returns (tokens [T, W], their plan, eos_rows: the packed position of every row's EOS, groups in order).
+    """
+    pieces, lengths, parents, eos_rows = [], [], [], []
+    for inputs_embeds, eos_index, prefix_length in groups:
+        parent = -1
+        if prefix_length:
+            parent = len(lengths)
+            pieces.append(inputs_embeds[0, :prefix_length] + position_embeddings[:prefix_length])
+            lengths.append(prefix_length)
+            parents.append(-1)
+        row_lengths = eos_index - prefix_length + 1
+        end = int(eos_index.max()) + 1
+        is_token = torch.arange(end - prefix_length, device=eos_index.device)[None] < row_lengths[:, None]
+        pieces.append((inputs_embeds[:, prefix_length:end] + position_embeddings[prefix_length:end])[is_token])
+        eos_rows.append(sum(lengths) + row_lengths.cumsum(0) - 1)
+        lengths.extend(row_lengths.tolist())
+        parents.extend([parent] * len(eos_index))
+    packing = PackedSequences.build(lengths, parents, position_embeddings.device)
+    return torch.cat(pieces), packing, torch.cat(eos_rows)
+
+
 def causal_block_packed(layer: CLIPEncoderLayer, hidden_states: torch.Tensor, packing: PackedSequences) -> torch.Tensor:
     """A causal CLIP text block over packed sequences: hidden_states [T, W] -> [T, W] (plan: ``packing``)."""
     attention = layer.self_attn
@@ -443,6 +475,23 @@ def causal_block_packed(layer: CLIPEncoderLayer, hidden_states: torch.Tensor, pa
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Hard masks with straight-through gradients
+# --------------------------------------------------------------------------------------------------------------
+def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
+    """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
+
+    ``y = sigmoid((logits + log(u / (1 - u))) / tau)``, ``u ~ U(0, 1)``; returns ``(y > 0.5) - y.detach() + y``.
+    Without ``noise`` the logits are thresholded at 0 (same gradients, deterministic).
+    """
+    if noise:
+        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits + torch.log(uniform) - torch.log1p(-uniform)
+    soft = torch.sigmoid(logits / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
 __all__ = [
     "MemoryLeanQuickGELU",
     "PackedSequences",
@@ -454,6 +503,8 @@ __all__ = [
     "causal_attention_mask",
     "causal_block_packed",
     "class_token_block",
+    "gumbel_sigmoid_straight_through",
+    "pack_prefix_groups",
     "phase_sum_bwd",
     "phase_sum_fwd",
     "quick_gelu_bwd",

@@ -26,10 +26,11 @@ from transformers import AutoConfig, AutoModel
 import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
 from modeling_code.losses import symmetric_infonce, tcl_feature_logits
-from modeling_code.modeling_code import CoDeUpsampleBlock, gumbel_sigmoid_straight_through
+from modeling_code.modeling_code import CoDeUpsampleBlock
 from modeling_code.ops import (
     MemoryLeanQuickGELU,
     PatchEmbeddingConv2d,
+    gumbel_sigmoid_straight_through,
     self_only_attention_block,
     tap_products,
     total_variation,
