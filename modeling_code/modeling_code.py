@@ -6,6 +6,12 @@ vision block, an upsampling decoder and a projection), Sim2Mask, the prompt cont
 text decoder with its word-highlighting head, the two learnable highlighting backgrounds and three logit
 scales. Shapes use: B images, K nouns per caption, N = K * B noun rows (noun-major: row ``k * B + b``),
 C joint embedding width, W_v / W_t vision / text widths, L text positions, h x w patch grid.
+
+This file holds the modules and the model; ``ops.py`` the tensor operations they run (memory-lean autograd
+functions, the decoder's tap products, the cheaper CLIP blocks, ``use_memory_lean_layers``) and ``losses.py``
+the loss terms of the training forward with their collectives. The method is described in docs/method.md;
+the definitions that the faster paths here must reproduce are written out in
+``tests/reference_implementations.py``.
 """
 
 from __future__ import annotations
@@ -148,8 +154,8 @@ class CoDeMasker(nn.Module):
         """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w].
 
         E is unit-norm over C; it is computed channels last, and returned as a (channels-last strided) view.
-        The whole batch in one pass, no row bands and nothing kept between calls: the training path, and the
-        one to trace (``torch.export``, ONNX).
+        The whole batch in one pass, without row bands: the training path, and the one to trace
+        (``torch.export``, ONNX).
         """
         feature_map = self._feature_map(hidden_states, grid_size)
         return self._embed(self.decoder(feature_map))
