@@ -1,18 +1,18 @@
-"""Open-vocabulary whole-image inference at the benchmark protocol (spec §3).
+"""Open-vocabulary whole-image inference at the benchmark protocol (docs/method.md#inference-protocol).
 
 - ``encode_vocabulary``: class names -> ``VocabularyEmbeddings`` (prompted embeddings for the masker, template
   ensembles for the KP branch). They depend only on the names, so compute them once and reuse them.
   The name ``background`` is not a text query: it stands for a constant map of ``background_threshold``.
-- ``segment_window_scores``: one window size, spec §3.2: zero-pad to the patch size, masks, PAMR, KP mix,
+- ``segment_window_scores``: one window size: zero-pad to the patch size, masks, PAMR, KP mix,
   resize to the padded size, crop the padding.
-- ``segment_images``: images already resized by the processor's evaluation transform (spec §3.3), any sizes:
+- ``segment_images``: images already resized by the processor's evaluation transform, any sizes:
   sliding windows batched through the model (windows of the same size from every image share batches),
   overlapping outputs averaged, background map inserted. Score maps stay at the processed resolution; the
   image processor's ``post_process_semantic_segmentation`` resizes them to the original sizes and takes the
   argmax.
 
-Every optimisation has a reference: ``plain=True`` runs windows one at a time with the literal PAMR and the
-literal masker decoder; both paths agree to float rounding.
+Every optimisation has a test-side reference in ``tests/reference_implementations.py`` (windows one at a
+time, PAMR and the masker decoder as defined); the tests check that both agree to float rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput, logging
 
-from .pamr import pamr, pamr_plain
+from .pamr import pamr
 from .templates import get_templates
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def encode_vocabulary(
     class_names: Sequence[str],
     with_kp_embeddings: bool | None = None,
 ) -> VocabularyEmbeddings:
-    """Embed a vocabulary once (spec §3.1).
+    """Embed a vocabulary once.
 
     Args:
         model: the CoDe model.
@@ -196,7 +196,7 @@ class Window(NamedTuple):
 
 
 def window_starts(size: int, window_size: int, stride: int) -> list[int]:
-    """Start of every window along one axis (spec §3.3): the last window is flush with the border.
+    """Start of every window along one axis: the last window is flush with the border.
 
     ``n = max(size - window_size + stride - 1, 0) // stride + 1`` windows; window i ends at
     ``min(i * stride + window_size, size)`` and starts ``window_size`` before that, clamped at 0.
@@ -237,28 +237,24 @@ def _crop_padding(maps: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One window size (spec §3.2)
+# One window size
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _WindowSettings:
     use_pamr: bool
     kp_weight: float
-    plain: bool
 
 
 def _refined_masks(
     model: CoDeModel, padded: torch.Tensor, vocabulary: VocabularyEmbeddings, settings: _WindowSettings
 ) -> torch.Tensor:
-    """Spec §3.2 steps 2-4 on padded windows [B, 3, H, W] (fp32) -> fp32 masks [B, N_text, 4h, 4w] (h x w patches)."""
+    """Masks, PAMR and KP mix of padded windows [B, 3, H, W] (fp32) -> fp32 masks [B, N_text, 4h, 4w] (h x w patches)."""
     config = model.config
     kp_embeddings = vocabulary.kp_class_embeddings if settings.kp_weight > 0 else None
-    outputs = model.segment_window(
-        padded.to(model.dtype), vocabulary.class_embeddings, kp_embeddings, plain=settings.plain
-    )
+    outputs = model.segment_window(padded.to(model.dtype), vocabulary.class_embeddings, kp_embeddings)
     masks = outputs.masks.float()
     if settings.use_pamr:
-        refine = pamr_plain if settings.plain else pamr
-        masks = refine(padded, masks, config.pamr_iterations, config.pamr_dilations)
+        masks = pamr(padded, masks, config.pamr_iterations, config.pamr_dilations)
     if kp_embeddings is not None:
         kp_masks = F.interpolate(
             outputs.kp_masks.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False
@@ -280,7 +276,6 @@ def _settings(
     vocabulary: VocabularyEmbeddings,
     use_pamr: bool | None,
     kp_weight: float | None,
-    plain: bool,
 ) -> _WindowSettings:
     config = model.config
     kp_weight = config.kp_weight if kp_weight is None else float(kp_weight)
@@ -291,9 +286,7 @@ def _settings(
             f"kp_weight={kp_weight} needs the KP branch's template embeddings; encode the vocabulary with "
             "with_kp_embeddings=True"
         )
-    return _WindowSettings(
-        use_pamr=config.use_pamr if use_pamr is None else bool(use_pamr), kp_weight=kp_weight, plain=plain
-    )
+    return _WindowSettings(use_pamr=config.use_pamr if use_pamr is None else bool(use_pamr), kp_weight=kp_weight)
 
 
 @torch.no_grad()
@@ -303,20 +296,19 @@ def segment_window_scores(
     vocabulary: VocabularyEmbeddings,
     use_pamr: bool | None = None,
     kp_weight: float | None = None,
-    plain: bool = False,
 ) -> torch.Tensor:
-    """Class scores of windows of one size (spec §3.2, all five steps).
+    """Class scores of windows of one size: padding, masks, PAMR, KP mix, resize, padding cropped.
 
     pixel_values [B, 3, H, W] normalised, any H, W -> fp32 scores [B, N_text, H, W] in [0, 1].
-    ``use_pamr`` / ``kp_weight`` default to the model config; ``plain`` runs the reference PAMR and decoder.
+    ``use_pamr`` / ``kp_weight`` default to the model config.
     """
-    settings = _settings(model, vocabulary, use_pamr, kp_weight, plain)
+    settings = _settings(model, vocabulary, use_pamr, kp_weight)
     padded, pads = pad_to_multiple(pixel_values.to(model.device, torch.float32), model.config.patch_size)
     return _to_window_size(_refined_masks(model, padded, vocabulary, settings), padded.shape[-2:], pads)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Whole images (spec §3.3)
+# Whole images
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class CoDeSegmentationOutput(ModelOutput):
@@ -374,9 +366,8 @@ def segment_images(
     window_size: int | None = None,
     window_stride: int | None = None,
     window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
-    plain: bool = False,
 ) -> CoDeSegmentationOutput:
-    """Sliding-window class scores of whole images (spec §3.3 up to, not including, the final resize).
+    """Sliding-window class scores of whole images (the protocol up to, not including, the final resize).
 
     Args:
         model: the CoDe model (any device and dtype; scores are accumulated in fp32).
@@ -385,13 +376,12 @@ def segment_images(
         use_pamr, kp_weight, background_threshold, window_size, window_stride: default to the model config.
         window_batch_size: windows per model call (windows of equal size from all images are batched); bounds
             the memory of one call.
-        plain: reference path: one window per call, literal PAMR and decoder.
 
     Returns:
         ``CoDeSegmentationOutput`` with scores [N, H_i, W_i] per image, N = ``vocabulary.num_classes``.
     """
     config = model.config
-    settings = _settings(model, vocabulary, use_pamr, kp_weight, plain)
+    settings = _settings(model, vocabulary, use_pamr, kp_weight)
     threshold = config.background_threshold if background_threshold is None else float(background_threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(
@@ -414,20 +404,21 @@ def segment_images(
     for index, image in enumerate(images):
         for window in sliding_windows(*image.shape[-2:], window_size, window_stride):
             groups.setdefault((window.height, window.width), []).append((index, window))
-    for jobs in groups.values():
-        for batch in _batches(jobs, 1 if plain else window_batch_size):
-            crops = torch.stack(
-                [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
-            )
-            padded, pads = pad_to_multiple(crops, config.patch_size)
-            masks = _refined_masks(model, padded, vocabulary, settings)
-            for row, (index, window) in enumerate(batch):
-                # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
-                scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
-                rows = slice(window.top, window.top + window.height)
-                columns = slice(window.left, window.left + window.width)
-                sums[index][:, rows, columns] += scores
-                counts[index][rows, columns] += 1
+    with model.prepared_for_inference():
+        for jobs in groups.values():
+            for batch in _batches(jobs, window_batch_size):
+                crops = torch.stack(
+                    [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
+                )
+                padded, pads = pad_to_multiple(crops, config.patch_size)
+                masks = _refined_masks(model, padded, vocabulary, settings)
+                for row, (index, window) in enumerate(batch):
+                    # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
+                    scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
+                    rows = slice(window.top, window.top + window.height)
+                    columns = slice(window.left, window.left + window.width)
+                    sums[index][:, rows, columns] += scores
+                    counts[index][rows, columns] += 1
 
     logits = []
     for summed, count in zip(sums, counts):

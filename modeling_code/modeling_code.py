@@ -6,27 +6,53 @@ vision block, an upsampling decoder and a projection), Sim2Mask, the prompt cont
 text decoder with its word-highlighting head, the two learnable highlighting backgrounds and three logit
 scales. Shapes use: B images, K nouns per caption, N = K * B noun rows (noun-major: row ``k * B + b``),
 C joint embedding width, W_v / W_t vision / text widths, L text positions, h x w patch grid.
+
+This file holds the modules and the model; ``ops.py`` the tensor operations they run (memory-lean autograd
+functions, the decoder's tap products, the cheaper CLIP blocks, ``use_memory_lean_layers``) and ``losses.py``
+the loss terms of the training forward with their collectives. The method is described in docs/method.md;
+the definitions that the faster paths here must reproduce are written out in
+``tests/reference_implementations.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, CLIPTextConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import QuickGELUActivation
-from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.utils import ModelOutput
 
 from .configuration_code import CoDeConfig
+from .losses import (
+    _world,
+    area_prior_loss,
+    gather_with_grad,
+    same_noun_pairs,
+    symmetric_infonce,
+    tcl_feature_logits,
+    text_segmentation_loss,
+)
+from .ops import (
+    causal_attention_mask,
+    causal_block_packed,
+    class_token_block,
+    gumbel_sigmoid_straight_through,
+    pack_prefix_groups,
+    self_only_attention_block,
+    tap_layout,
+    total_variation,
+    upsampled_conv3x3,
+    use_memory_lean_layers,
+)
 
 # Inference computes the decoder's last block in row bands whose tap products stay this small. Temporaries
 # of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
@@ -35,392 +61,8 @@ BAND_TAP_BYTES = 24 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Distributed negatives: the one place where contrastive terms see the other processes' rows.
-# --------------------------------------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` [n, ...] from every process along dim 0 -> [n * world, ...], keeping gradients.
-
-    The backward pass sums each process's gradient for its slice, so with DDP's gradient averaging the update
-    equals a single process holding the whole global batch. Identity when not distributed.
-    """
-    _, world_size = _world()
-    if world_size == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
-
-
-def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` [n, ...] from every process along dim 0 -> [n * world, ...], without gradient."""
-    _, world_size = _world()
-    if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def global_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum of a (gradient-free) tensor over all processes; itself when not distributed."""
-    _, world_size = _world()
-    if world_size == 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value
-
-
-def global_mean(local_values: torch.Tensor) -> torch.Tensor:
-    """Mean over the elements of every process, differentiable w.r.t. this process's elements.
-
-    The value is the global mean on every rank; the gradient is scaled by the world size so that DDP's
-    gradient averaging gives exactly the single-process gradient (needed where the mean enters a non-linear
-    term, e.g. ``|mean - prior|``).
-    """
-    _, world_size = _world()
-    if world_size == 1:
-        return local_values.mean()
-    local_sum = local_values.sum()
-    totals = global_sum(torch.stack([local_sum.detach(), local_sum.new_tensor(local_values.numel())]))
-    mean = (local_sum + (totals[0] - local_sum.detach())) / totals[1]
-    return world_size * mean - (world_size - 1) * mean.detach()
-
-
-def symmetric_infonce(local_logits: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric cross-entropy of a [n, n * world] logit block whose positives lie on the global diagonal.
-
-    Row i of this process is positive with column ``rank * n + i``. The column direction needs every process's
-    rows, so the block is gathered (with gradient) to the full [n * world, n * world] matrix. ``excluded``
-    (bool, the block's shape, never true on the diagonal) removes pairs from both directions' negatives.
-    """
-    rank, _ = _world()
-    num_rows = local_logits.shape[0]
-    if excluded is not None:
-        local_logits = local_logits.masked_fill(excluded, float("-inf"))
-    targets = torch.arange(num_rows, device=local_logits.device) + rank * num_rows
-    row_loss = F.cross_entropy(local_logits, targets)
-    full_logits = gather_with_grad(local_logits)
-    column_logits = full_logits[:, rank * num_rows : (rank + 1) * num_rows].t()
-    column_loss = F.cross_entropy(column_logits, targets)
-    return (row_loss + column_loss) / 2
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Small functional pieces
-# --------------------------------------------------------------------------------------------------------------
-def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A CLIP encoder block where every token attends only to itself (the MaskCLIP trick).
-
-    With a single key the softmax is 1, so attention reduces to ``out_proj(v_proj(ln_1(x)))`` per token.
-    hidden_states: [B, T, W] -> [B, T, W].
-    """
-    attention = layer.self_attn
-    hidden_states = hidden_states + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden_states)))
-    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
-
-
-def class_token_block(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A CLIP vision block evaluated at the class token only: [B, T, W] -> [B, 1, W].
-
-    Keys and values come from every token; the query, output projection and MLP run for the class token
-    alone, which is all a global embedding reads from the last block.
-    """
-    attention = layer.self_attn
-    batch = hidden_states.shape[0]
-    normed = layer.layer_norm1(hidden_states)
-
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
-
-    context = F.scaled_dot_product_attention(
-        heads(attention.q_proj(normed[:, :1])), heads(attention.k_proj(normed)), heads(attention.v_proj(normed)),
-        scale=attention.scale,
-    )
-    class_token = hidden_states[:, :1] + attention.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
-    return class_token + layer.mlp(layer.layer_norm2(class_token))
-
-
-@dataclass
-class PackedSequences:
-    """Index plan for running variable-length causal sequences stored back to back as one [T, W] token matrix.
-
-    Sequence r holds ``lengths[r]`` consecutive tokens; with a parent it continues that sequence, i.e. its
-    tokens attend to all of the parent's tokens, then causally to its own. Rows that share a prefix thus store
-    and compute it once, and the per-token layers run on one matrix with no padding.
-
-    Fields (R sequences, S = longest sequence, P = longest parent):
-        query_index: [R, S] packed position of each sequence's tokens (padding repeats its last token).
-        key_index: [R, P + S] packed positions of the keys each sequence sees: its parent's, then its own.
-        attention_mask: [R, 1, S, P + S] which keys each query may see.
-        is_token: [R, S] which query slots are real tokens; ``x[is_token]`` is back in packed order.
-    """
-
-    query_index: torch.Tensor
-    key_index: torch.Tensor
-    attention_mask: torch.Tensor
-    is_token: torch.Tensor
-
-    @classmethod
-    def build(cls, lengths: list[int], parents: list[int], device: torch.device) -> PackedSequences:
-        """lengths: tokens per sequence (each >= 1); parents: index of an earlier sequence, or -1 for none."""
-        lengths_ = torch.tensor(lengths, device=device)
-        parents_ = torch.tensor(parents, device=device)
-        offsets = lengths_.cumsum(0) - lengths_
-        has_parent = parents_ >= 0
-        parent = parents_.clamp(min=0)
-        parent_lengths = torch.where(has_parent, lengths_[parent], 0)
-
-        def slots(starts: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-            steps = torch.arange(width, device=device)
-            index = starts[:, None] + torch.minimum(steps[None], (counts[:, None] - 1).clamp(min=0))
-            return index, steps[None] < counts[:, None]
-
-        query_index, is_token = slots(offsets, lengths_, max(lengths))
-        parent_index, is_parent_token = slots(offsets[parent], parent_lengths, int(parent_lengths.max()))
-        span = query_index.shape[1]
-        causal = torch.ones(span, span, dtype=torch.bool, device=device).tril_()
-        attention_mask = torch.cat(
-            [is_parent_token[:, None].expand(-1, span, -1), causal[None] & is_token[:, None]], dim=2
-        )
-        return cls(query_index, torch.cat([parent_index, query_index], 1), attention_mask[:, None], is_token)
-
-
-def causal_block_packed(layer: CLIPEncoderLayer, hidden_states: torch.Tensor, packing: PackedSequences) -> torch.Tensor:
-    """A causal CLIP text block over packed sequences: hidden_states [T, W] -> [T, W] (plan: ``packing``)."""
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
-    rows = packing.query_index.shape[0]
-
-    def heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x[index].view(rows, index.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
-
-    context = F.scaled_dot_product_attention(
-        heads(attention.q_proj(normed), packing.query_index),
-        heads(attention.k_proj(normed), packing.key_index),
-        heads(attention.v_proj(normed), packing.key_index),
-        attn_mask=packing.attention_mask,
-        scale=attention.scale,
-    )
-    context = context.transpose(1, 2).reshape(rows, packing.query_index.shape[1], -1)[packing.is_token]
-    hidden_states = hidden_states + attention.out_proj(context)
-    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
-
-
-def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
-    """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
-
-    ``y = sigmoid((logits + log(u / (1 - u))) / tau)``, ``u ~ U(0, 1)``; returns ``(y > 0.5) - y.detach() + y``.
-    Without ``noise`` the logits are thresholded at 0 (same gradients, deterministic).
-    """
-    if noise:
-        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-        logits = logits + torch.log(uniform) - torch.log1p(-uniform)
-    soft = torch.sigmoid(logits / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard - soft.detach() + soft
-
-
-def _neighbour_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical and horizontal neighbour differences over the last two dims of x."""
-    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
-
-
-class _TotalVariation(torch.autograd.Function):
-    """``total_variation`` keeping only x for backward (already alive), where autograd would keep both
-    differences: two more tensors of x's size."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        vertical, horizontal = _neighbour_differences(x)
-        return vertical.abs().mean() + horizontal.abs().mean()
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        grad = torch.zeros_like(x)
-        vertical, horizontal = _neighbour_differences(x)
-        for difference, dim in ((vertical, -2), (horizontal, -1)):
-            step = difference.sign_().mul_(grad_output / difference.numel())
-            size = x.shape[dim] - 1
-            grad.narrow(dim, 1, size).add_(step)
-            grad.narrow(dim, 0, size).sub_(step)
-        return grad
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of vertical plus horizontal neighbours over the last two dims of x."""
-    return _TotalVariation.apply(x)
-
-
-class _QuickGELUFunction(torch.autograd.Function):
-    """``x * sigmoid(1.702 x)`` that keeps only x for backward and recomputes the sigmoid there."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(1.702 * x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        gate = torch.sigmoid(1.702 * x)
-        # the products autograd forms for x * sigmoid(1.702 x): d/dx through x, then through the sigmoid
-        return grad_output * gate + 1.702 * torch.ops.aten.sigmoid_backward(grad_output * x, gate)
-
-
-class MemoryLeanQuickGELU(nn.Module):
-    """CLIP's QuickGELU with the same values, saving one tensor for backward instead of two.
-
-    Gradients flow through the frozen towers (region highlighting, highlighted captions): autograd's
-    ``x * sigmoid(1.702 x)`` keeps both x and the sigmoid, the largest activations of those passes.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuickGELUFunction.apply(x)
-
-
-class PatchEmbeddingConv2d(nn.Conv2d):
-    """A convolution whose stride equals its kernel (a ViT patch embedding), computed as one matrix product of
-    the non-overlapping patches: the values of ``nn.Conv2d`` up to float rounding, with the same parameters.
-
-    Region highlighting backpropagates into the image through the frozen patch embedding; there the strided
-    convolution's input gradient costs about five times the matrix product's on a CPU.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C_in, H, W] -> [B, C_out, H // k, W // k] (k the kernel size; trailing pixels dropped, as the
-        convolution does), a channels-last strided view."""
-        batch, channels = x.shape[:2]
-        kernel_height, kernel_width = self.kernel_size
-        height, width = x.shape[2] // kernel_height, x.shape[3] // kernel_width
-        patches = x[:, :, : height * kernel_height, : width * kernel_width]
-        patches = patches.reshape(batch, channels, height, kernel_height, width, kernel_width)
-        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, height * width, -1)
-        out = F.linear(patches, self.weight.view(self.out_channels, -1), self.bias)
-        return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
-
-    @classmethod
-    def replacing(cls, conv: nn.Conv2d) -> PatchEmbeddingConv2d | nn.Conv2d:
-        """The same layer (its parameters shared) as a ``PatchEmbeddingConv2d``; any other convolution as it is."""
-        plain_patches = (
-            conv.stride == conv.kernel_size and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
-        )
-        if not plain_patches or isinstance(conv, cls):
-            return conv
-        patch_conv = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         bias=conv.bias is not None, device="meta")
-        patch_conv.weight, patch_conv.bias = conv.weight, conv.bias
-        return patch_conv
-
-
-def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive [1, 1, length, length] mask hiding future positions."""
-    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
-    return mask[None, None]
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Masker
 # --------------------------------------------------------------------------------------------------------------
-def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
-    """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
-
-    ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
-    (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
-    ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
-    phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
-    offset dimension.
-    """
-    size = taps.shape[axis]
-    offset = [taps.select(axis + 2, k) for k in range(3)]
-    if phase == 0:
-        total = offset[1] + offset[2]
-        total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
-    else:
-        total = offset[0] + offset[1]
-        total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
-    return total
-
-
-def _spread_phase_grads(phase0: torch.Tensor, phase1: torch.Tensor, axis: int, taps: torch.Tensor, dim: int) -> None:
-    """Adjoint of ``_sum_phase_taps``: gradients of both output phases -> gradients of the 3 taps (written to
-    ``taps.select(dim, k)``). Tap 0 feeds phase 0 one row down and phase 1 in place; tap 1 both in place; tap 2
-    phase 0 in place and phase 1 one row up."""
-    size = phase0.shape[axis]
-    first, middle, last = (taps.select(dim, k) for k in range(3))
-    first.copy_(phase1).narrow(axis, 0, size - 1).add_(phase0.narrow(axis, 1, size - 1))
-    torch.add(phase0, phase1, out=middle)
-    last.copy_(phase0).narrow(axis, 1, size - 1).add_(phase1.narrow(axis, 0, size - 1))
-
-
-class _UpsampledConvPhaseSum(torch.autograd.Function):
-    """Tap products [B, H, W, 3, 3, C] -> the 3×3 convolution of the nearest-×2 upsampled map, as its four
-    phases [B, H, 2, W, 2, C] (no bias). A hand-written backward: autograd's would allocate and fill a
-    zero tensor of the full tap size for every slice the forward reads."""
-
-    @staticmethod
-    def forward(ctx, taps: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _, _, channels = taps.shape
-        out = taps.new_empty(batch, height, 2, width, 2, channels)
-        for column_phase in range(2):
-            column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
-            for row_phase in range(2):
-                out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-        batch, height, _, width, _, channels = grad_out.shape
-        column_sums = grad_out.new_empty(batch, height, width, 3, 2, channels)  # [.., row tap, column phase, C]
-        for column_phase in range(2):
-            _spread_phase_grads(grad_out[:, :, 0, :, column_phase], grad_out[:, :, 1, :, column_phase], 1,
-                                column_sums[..., column_phase, :], 3)
-        taps = grad_out.new_empty(batch, height, width, 3, 3, channels)
-        _spread_phase_grads(column_sums[..., 0, :], column_sums[..., 1, :], 2, taps, 4)
-        return taps
-
-
-def _tap_layout(weight: torch.Tensor) -> torch.Tensor:
-    """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
-    output channel): a copy, since no view of the weight has that layout."""
-    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
-
-
-class _TapProducts(torch.autograd.Function):
-    """``activated [M, C_in] @ _tap_layout(weight)``, keeping the weight itself for backward and laying it out
-    again there. Autograd would keep the laid-out copy from forward to backward (21 MB per decoder block).
-    Backward computes in the forward product's dtype (autocast may have lowered it); autograd casts the
-    gradients back to the inputs' dtypes."""
-
-    @staticmethod
-    def forward(ctx, activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(activated, weight)
-        taps = activated @ _tap_layout(weight)
-        ctx.compute_dtype = taps.dtype
-        return taps
-
-    @staticmethod
-    def backward(ctx, grad_taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        activated, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
-        grad_taps = grad_taps.to(ctx.compute_dtype)
-        grad_activated = grad_taps @ _tap_layout(weight).t() if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            out_channels, in_channels = weight.shape[:2]
-            grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
-            grad_weight = grad_weight.contiguous()
-        return grad_activated, grad_weight
-
-
 class CoDeLayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a [B, C, H, W] map."""
 
@@ -431,12 +73,9 @@ class CoDeLayerNorm2d(nn.LayerNorm):
 class CoDeUpsampleBlock(nn.Module):
     """Pre-activation residual block: ``up(x) + tanh(gate) * conv3x3(GELU(LN(up(x))))`` with ``up`` nearest ×2.
 
-    ``plain_forward`` is the literal definition on [B, C, H, W] maps. ``forward`` computes the same values on
-    channels-last [B, H, W, C] maps with less work. LayerNorm and GELU act per pixel, so they commute with
-    nearest upsampling and run at low resolution. Every output pixel of the 3×3 convolution of the upsampled
-    map sums its 9 taps read at low-resolution positions, so each tap's product is computed once per
-    low-resolution pixel (one [C, 9 C] matrix product) and the four output phases add shifted slices of it:
-    9 products per low-resolution pixel, where four 2×2 phase convolutions need 16 and the plain convolution 36.
+    Computed on channels-last [B, H, W, C] maps with less work than the definition (docs/method.md#masker):
+    LayerNorm and GELU act per pixel, so they commute with nearest upsampling and run at low resolution; the
+    convolution of the upsampled map is computed from low-resolution tap products (``ops.upsampled_conv3x3``).
     """
 
     def __init__(self, config: CoDeConfig):
@@ -445,36 +84,10 @@ class CoDeUpsampleBlock(nn.Module):
         self.norm = CoDeLayerNorm2d(width, eps=config.clip_config.vision_config.layer_norm_eps)
         self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
         self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
-        self._tap_cache: tuple[tuple, torch.Tensor] | None = None
-
-    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference path. x: [B, C, H, W] -> [B, C, 2H, 2W]."""
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return x + torch.tanh(self.gate) * self.conv(F.gelu(self.norm(x)))
-
-    def _tap_weights(self) -> torch.Tensor:
-        """The 3×3 kernel as one matrix [C_in, 3 * 3 * C_out] (tap-major: row tap, column tap, output channel).
-
-        Without gradients (inference) the matrix is cached until the weights change.
-        """
-        weight = self.conv.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cacheable = not (torch.is_grad_enabled() and weight.requires_grad)
-        if cacheable and self._tap_cache is not None and self._tap_cache[0] == key:
-            return self._tap_cache[1]
-        taps = _tap_layout(weight)
-        self._tap_cache = (key, taps) if cacheable else None
-        return taps
-
-    def _tap_products(self, activated: torch.Tensor) -> torch.Tensor:
-        """activated [M, C_in] -> its products with every kernel tap [M, 9 * C_out] (tap-major)."""
-        weight = self.conv.weight
-        if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
-            return _TapProducts.apply(activated, weight)
-        return activated @ self._tap_weights()
+        self.tap_weights: torch.Tensor | None = None  # the kernel laid out, inside CoDeModel.prepared_for_inference
 
     def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Channels-last fast path. x: [B, H, W, C] -> [B, 2H, 2W, C].
+        """x: [B, H, W, C] -> [B, 2H, 2W, C] (channels last).
 
         ``rows=(start, stop)`` computes only the output rows of low-resolution rows ``start:stop``: [B, 2 (stop -
         start), 2W, C]. The rows just outside the band add their one needed row of taps (the convolution's
@@ -486,27 +99,9 @@ class CoDeUpsampleBlock(nn.Module):
         activated = F.gelu(
             F.layer_norm(x[:, top:bottom], (channels,), self.norm.weight, self.norm.bias, self.norm.eps)
         )
-        # per low-resolution pixel, the products of all 9 kernel taps: [B, rows, W, row tap, column tap, C]
-        band = activated[:, start - top : stop - top].reshape(-1, channels)  # 2-D: one matrix product, not a batch
-        taps = self._tap_products(band).view(batch, stop - start, width, 3, 3, channels)
-        out = _UpsampledConvPhaseSum.apply(taps)  # [B, rows, row phase, W, column phase, C]
-        if top < start:  # the row above feeds the band's first row (phase 0) with its first row tap
-            self._add_neighbour_row(out[:, 0, 0], activated[:, 0], self._tap_weights()[:, : 3 * channels])
-        if bottom > stop:  # the row below feeds the band's last row (phase 1) with its last row tap
-            self._add_neighbour_row(out[:, -1, 1], activated[:, -1], self._tap_weights()[:, 6 * channels :])
+        out = upsampled_conv3x3(activated, self.conv.weight, top < start, bottom > stop, self.tap_weights)
         out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, start:stop, None, :, None])
         return out.view(batch, 2 * (stop - start), 2 * width, channels)
-
-    @staticmethod
-    def _add_neighbour_row(out: torch.Tensor, activated: torch.Tensor, row_tap_weights: torch.Tensor) -> None:
-        """out [B, W, column phase, C] += one neighbour row's products with one row of kernel taps, column-summed.
-
-        activated [B, W, C]; row_tap_weights [C, 3 * C] (the row's three column taps).
-        """
-        batch, width, channels = activated.shape
-        taps = (activated.reshape(-1, channels) @ row_tap_weights).view(batch, 1, width, 1, 3, channels)
-        for column_phase in range(2):
-            out[:, :, column_phase] += _sum_phase_taps(taps, 2, column_phase)[:, 0, :, 0]
 
 
 class CoDeMaskerDecoder(nn.Module):
@@ -516,12 +111,7 @@ class CoDeMaskerDecoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([CoDeUpsampleBlock(config) for _ in range(config.decoder_num_blocks)])
 
-    def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
-        if plain:
-            x = x.permute(0, 3, 1, 2)
-            for block in self.blocks:
-                x = block.plain_forward(x)
-            return x.permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
         return x
@@ -560,13 +150,15 @@ class CoDeMasker(nn.Module):
         self.decoder = CoDeMaskerDecoder(config)
         self.projection = CoDeMaskerProjection(config)
 
-    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int], plain: bool = False) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w].
 
         E is unit-norm over C; it is computed channels last, and returned as a (channels-last strided) view.
+        The whole batch in one pass, without row bands: the training path, and the one to trace
+        (``torch.export``, ONNX).
         """
         feature_map = self._feature_map(hidden_states, grid_size)
-        return self._embed(self.decoder(feature_map, plain=plain))
+        return self._embed(self.decoder(feature_map))
 
     def bands(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
         """The same E in bands of rows: yields (first row, E band [B, C, rows, 4w]).
@@ -791,11 +383,7 @@ class CoDeModel(CoDePreTrainedModel):
         self.tcl_feature_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.tcl_image_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.hcl_logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        for module in self.modules():  # every CLIP-style MLP, frozen or not: same values, less saved for backward
-            if isinstance(module, CLIPMLP) and isinstance(module.activation_fn, QuickGELUActivation):
-                module.activation_fn = MemoryLeanQuickGELU()
-        embeddings = self.clip.vision_model.embeddings
-        embeddings.patch_embedding = PatchEmbeddingConv2d.replacing(embeddings.patch_embedding)
+        use_memory_lean_layers(self)
         self.post_init()
         self.clip.requires_grad_(False)
         self.copy_clip_into_masker()
@@ -869,7 +457,7 @@ class CoDeModel(CoDePreTrainedModel):
         self.clip.eval()
         return self
 
-    # ---------------------------------------------------------------- frozen CLIP uses (spec §1.1)
+    # ---------------------------------------------------------------- frozen CLIP uses
     def encode_image_dense(
         self, pixel_values: torch.Tensor, checkpoint_layers: bool = False
     ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -896,26 +484,21 @@ class CoDeModel(CoDePreTrainedModel):
         features = F.normalize(self.clip.visual_projection(vision.post_layernorm(hidden)), dim=-1)
         return features.transpose(1, 2).reshape(features.shape[0], -1, *grid_size)
 
-    def encode_image_global(
-        self, pixel_values: torch.Tensor, plain: bool = False, checkpoint_layers: bool = False
-    ) -> torch.Tensor:
+    def encode_image_global(self, pixel_values: torch.Tensor, checkpoint_layers: bool = False) -> torch.Tensor:
         """Ordinary CLIP image embedding (full attention), unit norm: [B, 3, H, W] -> [B, C].
 
-        The last block runs for the class token only (``class_token_block``); ``plain`` runs CLIP's own
-        vision model instead. Same result up to float rounding. ``checkpoint_layers``: see ``encode_image_dense``.
+        The last block runs for the class token only (``class_token_block``): CLIP's own vision model's result
+        up to float rounding. ``checkpoint_layers``: see ``encode_image_dense``.
         """
         vision = self.clip.vision_model
-        if plain:
-            pooled = vision(pixel_values, interpolate_pos_encoding=True).pooler_output
-        else:
-            hidden, _ = self.encode_image_dense(pixel_values, checkpoint_layers)
-            last = vision.encoder.layers[-1]
-            class_token = (
-                checkpoint(class_token_block, last, hidden, use_reentrant=False)
-                if checkpoint_layers
-                else class_token_block(last, hidden)
-            )
-            pooled = vision.post_layernorm(class_token[:, 0])
+        hidden, _ = self.encode_image_dense(pixel_values, checkpoint_layers)
+        last = vision.encoder.layers[-1]
+        class_token = (
+            checkpoint(class_token_block, last, hidden, use_reentrant=False)
+            if checkpoint_layers
+            else class_token_block(last, hidden)
+        )
+        pooled = vision.post_layernorm(class_token[:, 0])
         return F.normalize(self.clip.visual_projection(pooled), dim=-1)
 
     def encode_text_embeddings(
@@ -958,27 +541,10 @@ class CoDeModel(CoDePreTrainedModel):
         Returns one unit-norm [N, C] per group, equal to ``encode_text_embeddings`` up to float rounding.
         """
         text = self.clip.text_model
-        positions = text.embeddings.position_embedding.weight
-        pieces, lengths, parents, eos_rows = [], [], [], []
-        for inputs_embeds, eos_index, prefix_length in groups:
-            parent = -1
-            if prefix_length:
-                parent = len(lengths)
-                pieces.append(inputs_embeds[0, :prefix_length] + positions[:prefix_length])
-                lengths.append(prefix_length)
-                parents.append(-1)
-            row_lengths = eos_index - prefix_length + 1
-            end = int(eos_index.max()) + 1
-            is_token = torch.arange(end - prefix_length, device=eos_index.device)[None] < row_lengths[:, None]
-            pieces.append((inputs_embeds[:, prefix_length:end] + positions[prefix_length:end])[is_token])
-            eos_rows.append(sum(lengths) + row_lengths.cumsum(0) - 1)
-            lengths.extend(row_lengths.tolist())
-            parents.extend([parent] * len(eos_index))
-        packing = PackedSequences.build(lengths, parents, positions.device)
-        hidden = torch.cat(pieces)
+        hidden, packing, eos_rows = pack_prefix_groups(groups, text.embeddings.position_embedding.weight)
         for layer in text.encoder.layers:
             hidden = causal_block_packed(layer, hidden, packing)
-        embeddings = self._project_text(hidden[torch.cat(eos_rows)])
+        embeddings = self._project_text(hidden[eos_rows])
         return list(embeddings.split([len(eos_index) for _, eos_index, _ in groups]))
 
     def _template_group(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -1002,64 +568,79 @@ class CoDeModel(CoDePreTrainedModel):
 
     # ---------------------------------------------------------------- CoDe text pieces
     def encode_nouns(self, noun_input_ids: torch.Tensor, cut_at_eos: bool = True) -> torch.Tensor:
-        """Prompted noun embeddings (spec §1.4): noun ids [N, L] -> unit-norm [N, C]."""
+        """Prompted noun embeddings (docs/method.md#text-side): noun ids [N, L] -> unit-norm [N, C]."""
         embeddings, eos_index = self.prompt_learner(noun_input_ids, self.clip.text_model.embeddings.token_embedding)
         return self.encode_text_embeddings(embeddings, eos_index, cut_at_eos)
 
     @torch.no_grad()
-    def get_class_embeddings(self, class_input_ids: torch.Tensor, plain: bool = False) -> torch.Tensor:
-        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C].
+    def get_class_embeddings(self, class_input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C] (``encode_nouns`` without gradient).
 
-        Start token and learned context, the same for every class, run once (``plain``: every row in full).
+        Start token and learned context, the same for every class, run once.
         """
-        if plain:
-            return self.encode_nouns(class_input_ids)
         embeddings, eos_index = self.prompt_learner(class_input_ids, self.clip.text_model.embeddings.token_embedding)
         prefix_length = min(1 + self.config.prompt_context_length, int(eos_index.min()))
         return self.encode_text_groups([(embeddings, eos_index, prefix_length)])[0]
 
     @torch.no_grad()
-    def get_template_class_embeddings(
-        self, template_input_ids: torch.Tensor, num_templates: int, plain: bool = False
-    ) -> torch.Tensor:
+    def get_template_class_embeddings(self, template_input_ids: torch.Tensor, num_templates: int) -> torch.Tensor:
         """Template-ensembled frozen CLIP class embeddings for the KP branch.
 
         template_input_ids [N_cls * T, L] (class-major) -> mean of unit embeddings, re-normalised: [N_cls, C].
         Each template's prompts share the words before the class name, which run once per template, and all
-        templates run in one packed pass (``encode_text_groups``); ``plain`` runs every prompt in full instead.
+        templates run in one packed pass (``encode_text_groups``).
         """
-        if plain:
-            embeddings = self.encode_text(template_input_ids).view(-1, num_templates, self.config.clip_config.projection_dim)
-        else:
-            by_template = template_input_ids.view(-1, num_templates, template_input_ids.shape[-1])
-            groups = [self._template_group(by_template[:, index]) for index in range(num_templates)]
-            embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
+        by_template = template_input_ids.view(-1, num_templates, template_input_ids.shape[-1])
+        groups = [self._template_group(by_template[:, index]) for index in range(num_templates)]
+        embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
         return F.normalize(embeddings.mean(1), dim=-1)
 
     # ---------------------------------------------------------------- inference building block
+    @contextlib.contextmanager
+    def prepared_for_inference(self) -> Iterator[CoDeModel]:
+        """Context in which passes without gradients reuse the masker decoder's kernels laid out once as tap
+        matrices (``ops.tap_layout``), where every call of a decoder block would lay its kernel out again.
+
+        ``segment_window`` enters it for its windows, ``inference.segment_images`` for all windows of a call.
+        The weights must not change inside the context; an inner context reuses the outer one's matrices.
+        """
+        blocks = [block for block in self.masker.decoder.blocks if block.tap_weights is None]
+        with torch.no_grad():
+            for block in blocks:
+                block.tap_weights = tap_layout(block.conv.weight)
+        try:
+            yield self
+        finally:
+            for block in blocks:
+                block.tap_weights = None
+
     @torch.no_grad()
     def segment_window(
         self,
         pixel_values: torch.Tensor,
         class_embeddings: torch.Tensor,
         kp_class_embeddings: torch.Tensor | None = None,
-        plain: bool = False,
+        banded: bool = True,
     ) -> CoDeWindowOutput:
-        """Soft masks for windows already padded to multiples of the patch size (spec §3.2 steps 2 and 4).
+        """Soft masks for windows already padded to multiples of the patch size (docs/method.md#inference-protocol).
 
         pixel_values [B, 3, H, W]; class_embeddings [N_cls, C] (prompted); kp_class_embeddings [N_cls, C]
-        (template ensembles) or None to skip the KP branch. ``plain`` runs the reference decoder.
+        (template ensembles) or None to skip the KP branch. ``banded``: the masker runs window by window and its
+        last decoder block in row bands, so its large temporaries stay small; ``banded=False`` runs the batch
+        through ``CoDeMasker.forward`` (one pass, nothing prepared: the path to trace). Same masks up to float
+        rounding.
         """
         hidden, grid = self.encode_image_dense(pixel_values)
         class_embeddings = class_embeddings.to(hidden.dtype)
-        if plain:
-            masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid, plain=True), class_embeddings))
+        if not banded:
+            masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid), class_embeddings))
         else:
             masks = hidden.new_empty(hidden.shape[0], class_embeddings.shape[0], *(4 * size for size in grid))
-            for index in range(hidden.shape[0]):  # window by window, band by band: small temporaries only
-                for start, embeddings in self.masker.bands(hidden[index : index + 1], grid):
-                    band = masks[index : index + 1, :, start : start + embeddings.shape[2]]
-                    band.copy_(torch.sigmoid(self.sim2mask(embeddings, class_embeddings)))
+            with self.prepared_for_inference():
+                for index in range(hidden.shape[0]):  # window by window, band by band: small temporaries only
+                    for start, embeddings in self.masker.bands(hidden[index : index + 1], grid):
+                        band = masks[index : index + 1, :, start : start + embeddings.shape[2]]
+                        band.copy_(torch.sigmoid(self.sim2mask(embeddings, class_embeddings)))
         kp_masks = None
         if kp_class_embeddings is not None:
             dense = self.dense_clip_features(hidden, grid)
@@ -1067,7 +648,7 @@ class CoDeModel(CoDePreTrainedModel):
             kp_masks = torch.sigmoid((cosine - self.config.kp_cos_offset) * self.config.kp_cos_scale)
         return CoDeWindowOutput(masks=masks, kp_masks=kp_masks)
 
-    # ---------------------------------------------------------------- training forward (spec §2.2)
+    # ---------------------------------------------------------------- training forward (docs/method.md#losses)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1109,7 +690,7 @@ class CoDeModel(CoDePreTrainedModel):
         positive = torch.zeros(soft_masks.shape[:2], dtype=torch.bool, device=soft_masks.device)
         positive[rows, rows + rank * num_rows] = True
         positive_logits = mask_logits[rows, rows + rank * num_rows]
-        excluded = self._same_noun_pairs(noun_input_ids, positive) if config.exclude_same_noun_negatives else None
+        excluded = same_noun_pairs(noun_input_ids, positive) if config.exclude_same_noun_negatives else None
         hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
         # 5. the loss terms. A term weighted 0 is not computed, nor is a pass that only such terms need: the
@@ -1125,7 +706,9 @@ class CoDeModel(CoDePreTrainedModel):
         terms = {
             "kg": lambda: 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
             "tcl_feature": lambda: symmetric_infonce(
-                self._tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings), excluded
+                tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings,
+                                   self._logit_scale(self.tcl_feature_logit_scale), config.mask_pool_eps),
+                excluded,
             ),
             "tcl_image": lambda: symmetric_infonce(
                 self._logit_scale(self.tcl_image_logit_scale) * region_embeddings() @ all_noun_embeddings.t(),
@@ -1133,11 +716,11 @@ class CoDeModel(CoDePreTrainedModel):
             ),
             "tv_image": lambda: total_variation(image_embeddings),
             "tv_mask": lambda: total_variation(soft_masks),
-            "area_positive": lambda: (global_mean(soft_masks[positive]) - config.area_positive_prior).abs(),
-            "area_negative": lambda: (global_mean(soft_masks[~positive]) - config.area_negative_prior).abs()
-            if (~positive).any()
-            else soft_masks.new_zeros(()),
-            "text_segmentation": lambda: self._text_segmentation_loss(highlighted_words()[0], text_labels),
+            "area_positive": lambda: area_prior_loss(soft_masks[positive], config.area_positive_prior),
+            "area_negative": lambda: area_prior_loss(soft_masks[~positive], config.area_negative_prior),
+            "text_segmentation": lambda: text_segmentation_loss(
+                highlighted_words()[0], text_labels, config.text_segmentation_background_weight
+            ),
             "hcl": lambda: symmetric_infonce(
                 self._logit_scale(self.hcl_logit_scale)
                 * highlighted_words()[1]
@@ -1145,17 +728,7 @@ class CoDeModel(CoDePreTrainedModel):
                 excluded,
             ),
         }
-        weights = {
-            "kg": config.loss_kg_weight,
-            "tcl_feature": config.loss_tcl_feature_weight,
-            "tcl_image": config.loss_tcl_image_weight,
-            "tv_image": config.loss_tv_image_weight,
-            "tv_mask": config.loss_tv_mask_weight,
-            "area_positive": config.loss_area_positive_weight,
-            "area_negative": config.loss_area_negative_weight,
-            "text_segmentation": config.loss_text_segmentation_weight,
-            "hcl": config.loss_hcl_weight,
-        }
+        weights = {name: getattr(config, f"loss_{name}_weight") for name in terms}
         weighted = {
             f"loss_{name}": weight * terms[name]() if weight else soft_masks.new_zeros(())
             for name, weight in weights.items()
@@ -1173,43 +746,6 @@ class CoDeModel(CoDePreTrainedModel):
     # ---------------------------------------------------------------- training helpers
     def _logit_scale(self, log_scale: torch.Tensor) -> torch.Tensor:
         return log_scale.exp().clamp(max=self.config.logit_scale_max)
-
-    @staticmethod
-    def _same_noun_pairs(noun_input_ids: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Pairs of rows that name the same noun, positives left out: bool [N, N_global].
-
-        noun_input_ids [N, L] (this process's rows); positive [N, N_global] marks each row's own column.
-        """
-        all_noun_ids = gather(noun_input_ids)
-        return (noun_input_ids[:, None] == all_noun_ids[None]).all(-1) & ~positive
-
-    def _text_segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Class-weighted cross-entropy of logits [B, K + 1, L] vs labels [B, L] (-1 ignored).
-
-        Normalised by the weight total of the GLOBAL batch (times the world size, undone by gradient
-        averaging), so several processes give exactly the single-process weighted mean.
-        """
-        weights = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
-        weights[0] = self.config.text_segmentation_background_weight
-        per_token = F.cross_entropy(logits, labels, weight=weights, ignore_index=-1, reduction="none")
-        weight_total = weights[labels.clamp(min=0)][labels >= 0].sum()
-        _, world_size = _world()
-        return world_size * per_token.sum() / global_sum(weight_total).clamp(min=1e-12)
-
-    def _tcl_feature_logits(
-        self, image_embeddings: torch.Tensor, soft_masks: torch.Tensor, all_noun_embeddings: torch.Tensor
-    ) -> torch.Tensor:
-        """Row i's embeddings pooled with its soft mask for noun j, cosine with noun j, scaled: [N, N_global].
-
-        image_embeddings [B, C, H', W']; soft_masks [N, N_global, H', W'] with rows noun-major (row i is image
-        i % B), so the rows' embeddings are never materialised.
-        """
-        batch_size = image_embeddings.shape[0]
-        per_image = soft_masks.unflatten(0, (-1, batch_size)).flatten(-2)  # [K, B, N_global, H' W']
-        pooled = torch.einsum("bcp,kbmp->kbmc", image_embeddings.flatten(2), per_image).flatten(0, 1)
-        pooled = pooled / (soft_masks.sum((-2, -1))[..., None] + self.config.mask_pool_eps)
-        cosine = (F.normalize(pooled, dim=-1) * all_noun_embeddings[None]).sum(-1)
-        return self._logit_scale(self.tcl_feature_logit_scale) * cosine
 
     def _highlight_regions(self, pixel_values: torch.Tensor, hard_masks: torch.Tensor, num_words: int) -> torch.Tensor:
         """Each row's image with its hard positive mask kept and the rest replaced by the learnable background.

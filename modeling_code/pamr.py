@@ -1,4 +1,4 @@
-"""Pixel-adaptive mask refinement (PAMR, spec §3.2 step 3): soft masks diffused along image colour affinities.
+"""Pixel-adaptive mask refinement (PAMR, docs/method.md#pamr): soft masks diffused along image colour affinities.
 
 For every pixel and every dilation ``d`` the 8 neighbours at distance ``d`` (replicate padding) form, over all
 dilations, a set of 48 neighbours. Their affinity to the pixel is ``-|I_p - I_q| / (1e-8 + 0.1 * std_p)`` per
@@ -9,8 +9,9 @@ sum of its 48 neighbours' values: a convex combination, so constant masks stay c
 
 ``pamr`` is the fast path: the 48 neighbours are views into one padded copy of the image or mask, the affinity
 is built in one vectorised pass, and each iteration is 48 in-place multiply-adds over all windows and classes
-at once (materialising the [B, N, 48, H, W] neighbour stack instead is 48x the memory and several times
-slower on CPU). ``pamr_plain`` is the literal reference: per-dilation convolutions with one-hot 3×3 kernels.
+at once (materialising the [B, N, 48, H, W] neighbour stack instead would take 48 times the memory). The
+definition written out (per-dilation convolutions with one-hot 3×3 kernels) is the test-side reference
+``pamr_reference`` in ``tests/reference_implementations.py``.
 """
 
 from __future__ import annotations
@@ -124,47 +125,4 @@ def pamr(
     return masks
 
 
-def _one_hot_kernels(with_centre: bool) -> torch.Tensor:
-    """3×3 kernels [K, 1, 3, 3] each picking one neighbour (K = 8), or one position of the 3×3 (K = 9)."""
-    positions = [(row + 1, column + 1) for row, column in NEIGHBOUR_STEPS]
-    if with_centre:
-        positions.append((1, 1))
-    kernels = torch.zeros(len(positions), 1, 3, 3)
-    for index, (row, column) in enumerate(positions):
-        kernels[index, 0, row, column] = 1.0
-    return kernels
-
-
-def _dilated_neighbours(x: torch.Tensor, kernels: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """Each channel of x [B, C, H, W] convolved with every kernel at every dilation -> [B, C, K * D, H, W]."""
-    batch, channels, height, width = x.shape
-    flat = x.reshape(batch * channels, 1, height, width)
-    kernels = kernels.to(x.dtype)
-    per_dilation = [
-        F.conv2d(F.pad(flat, (dilation,) * 4, mode="replicate"), kernels, dilation=dilation)
-        for dilation in dilations
-    ]
-    return torch.cat(per_dilation, dim=1).view(batch, channels, -1, height, width)
-
-
-def pamr_plain(
-    image: torch.Tensor,
-    masks: torch.Tensor,
-    iterations: int = 10,
-    dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
-) -> torch.Tensor:
-    """Reference PAMR, literally as specified: one-hot 3×3 convolutions per dilation. Same contract as ``pamr``."""
-    _check_inputs(image, masks, dilations)
-    masks = masks.float()
-    image = _image_at_mask_size(image, masks)
-    neighbour_kernels = _one_hot_kernels(with_centre=False)
-    centre = image[:, :, None]
-    differences = (centre - _dilated_neighbours(image, neighbour_kernels, dilations)).abs()
-    std = _dilated_neighbours(image, _one_hot_kernels(with_centre=True), dilations).std(dim=2, keepdim=True)
-    affinity = (-differences / (STD_EPS + STD_SCALE * std)).mean(dim=1, keepdim=True).softmax(dim=2)
-    for _ in range(iterations):
-        masks = (_dilated_neighbours(masks, neighbour_kernels, dilations) * affinity).sum(dim=2)
-    return masks
-
-
-__all__ = ["NEIGHBOUR_STEPS", "pamr", "pamr_affinity", "pamr_plain"]
+__all__ = ["NEIGHBOUR_STEPS", "pamr", "pamr_affinity"]

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY_CODE_OVERRIDES, pad_token_ids
+from reference_implementations import class_embeddings_reference, template_class_embeddings_reference
 from transformers import AutoModel, AutoProcessor
 
 from modeling_code import CoDeConfig, CoDeModel
@@ -376,10 +377,10 @@ def test_converted_model_saves_loads_with_auto_model_and_segments(tmp_path, orig
     classes = pad_token_ids(tiny_tokenizer, ["cat", "dog", "sky"])
     pixels = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     outputs = [
-        # plain text path: bit-reproducible across two copies of the weights (the shared-prefix path rounds
-        # differently by ~1e-7 between copies; its agreement with the plain path is tested in test_modeling)
-        m.segment_window(pixels, m.get_class_embeddings(classes, plain=True),
-                         m.get_template_class_embeddings(classes, 1, plain=True))
+        # reference text path: bit-reproducible across two copies of the weights (the shared-prefix path rounds
+        # differently between copies; its agreement with the reference is tested in test_modeling)
+        m.segment_window(pixels, class_embeddings_reference(m, classes),
+                         template_class_embeddings_reference(m, classes, 1))
         for m in (model, loaded)
     ]
     assert outputs[1].masks.shape == (1, 3, 16, 24) and outputs[1].kp_masks.shape == (1, 3, 4, 6)

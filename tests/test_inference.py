@@ -1,4 +1,4 @@
-"""Whole-image inference: windows, padding, averaging, PAMR and KP mix, background, vocabularies, fast vs plain."""
+"""Whole-image inference: windows, padding, averaging, PAMR and KP mix, background, vocabularies, fast vs reference."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY_CODE_OVERRIDES
+from reference_implementations import pamr_reference, segment_images_reference, segment_window_reference
 
 from modeling_code import CoDeModel
 from modeling_code import inference as inference_module
@@ -25,7 +26,6 @@ from modeling_code.inference import (
     sliding_windows,
     window_starts,
 )
-from modeling_code.pamr import pamr_plain
 from modeling_code.processing_code import CoDeProcessor
 
 WINDOW, STRIDE = 32, 16  # the tiny CLIP has 8-pixel patches: 32-pixel windows are 4x4 patches
@@ -43,7 +43,7 @@ def model(tiny_clip_dir, tiny_tokenizer):
     ).eval()
     with (
         torch.no_grad()
-    ):  # open the decoder gates (0 at initialisation) so the fast and plain decoders differ
+    ):  # open the decoder gates (0 at initialisation) so the fast and reference decoders differ
         for block in model.masker.decoder.blocks:
             block.gate.fill_(0.7)
     return model
@@ -104,15 +104,13 @@ def test_pad_to_multiple_splits_the_padding_with_the_extra_on_bottom_right():
 
 # ---------------------------------------------------------------------------------------- one window, exactly
 def reference_window(model, image: torch.Tensor, vocabulary, pads, padded_size) -> torch.Tensor:
-    """Spec §3.2 written out with the model's building blocks and the reference PAMR: [N, H, W]."""
+    """docs/method.md#inference-protocol written out with the reference masker and PAMR: [N, H, W]."""
     config = model.config
     top, bottom, left, right = pads
     padded = F.pad(image[None], (left, right, top, bottom))
     assert padded.shape[-2:] == padded_size
-    out = model.segment_window(
-        padded, vocabulary.class_embeddings, vocabulary.kp_class_embeddings, plain=True
-    )
-    masks = pamr_plain(padded, out.masks, config.pamr_iterations, config.pamr_dilations)
+    out = segment_window_reference(model, padded, vocabulary.class_embeddings, vocabulary.kp_class_embeddings)
+    masks = pamr_reference(padded, out.masks, config.pamr_iterations, config.pamr_dilations)
     kp = F.interpolate(out.kp_masks, size=masks.shape[-2:], mode="bilinear", align_corners=False)
     mixed = config.kp_weight * kp + (1 - config.kp_weight) * masks
     full = F.interpolate(mixed, size=padded_size, mode="bilinear", align_corners=False)[0]
@@ -145,9 +143,8 @@ def test_overlapping_windows_are_averaged(model, vocabulary, monkeypatch):
 
     monkeypatch.setattr(inference_module, "_refined_masks", window_index_as_score)
     height, width = 45, 70
-    scores = segment_images(model, random_image(height, width, seed=2)[None], vocabulary, plain=True).logits[
-        0
-    ]
+    image = random_image(height, width, seed=2)[None]
+    scores = segment_images(model, image, vocabulary, window_batch_size=1).logits[0]
     windows = sliding_windows(height, width, WINDOW, STRIDE)
     assert len(calls) == len(windows) == 2 * 4
     total, count = np.zeros((height, width)), np.zeros((height, width))
@@ -170,19 +167,19 @@ def test_windows_are_placed_and_cropped_exactly(model, vocabulary, monkeypatch):
             torch.testing.assert_close(scores, image[:1].expand(3, -1, -1), atol=1e-6, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------- fast vs plain
-def test_fast_path_equals_the_plain_path_on_odd_sizes(model, processor):
+# ---------------------------------------------------------------------------------------- fast vs reference
+def test_fast_path_equals_the_reference_on_odd_sizes(model, processor):
     vocabulary = encode_vocabulary(model, processor, ["cat", "background", "sofa"])
     images = [random_image(45, 70, seed=5), random_image(33, 33, seed=6), random_image(20, 50, seed=7)]
     fast = segment_images(model, images, vocabulary, window_batch_size=3).logits
-    plain = segment_images(model, images, vocabulary, plain=True).logits
+    reference = segment_images_reference(model, images, vocabulary)
     assert isinstance(fast, list) and [tuple(s.shape) for s in fast] == [
         (3, 45, 70),
         (3, 33, 33),
         (3, 20, 50),
     ]
-    for fast_scores, plain_scores in zip(fast, plain):
-        torch.testing.assert_close(fast_scores, plain_scores, atol=1e-5, rtol=0)
+    for fast_scores, reference_scores in zip(fast, reference):
+        torch.testing.assert_close(fast_scores, reference_scores, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------- KP mix, PAMR order

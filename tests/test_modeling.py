@@ -6,21 +6,33 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY_CODE_OVERRIDES, pad_token_ids
+from reference_implementations import (
+    class_embeddings_reference,
+    decoder_reference,
+    encode_image_global_reference,
+    masker_reference,
+    segment_window_reference,
+    template_class_embeddings_reference,
+    upsample_block_reference,
+)
 from transformers import AutoConfig, AutoModel
 
 import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
-from modeling_code.modeling_code import (
-    CoDeUpsampleBlock,
+from modeling_code.losses import symmetric_infonce, tcl_feature_logits
+from modeling_code.modeling_code import CoDeUpsampleBlock
+from modeling_code.ops import (
+    MemoryLeanQuickGELU,
     PatchEmbeddingConv2d,
     gumbel_sigmoid_straight_through,
     self_only_attention_block,
-    symmetric_infonce,
+    tap_products,
     total_variation,
 )
 
@@ -85,10 +97,11 @@ def test_single_frozen_clip_and_initialisation_from_clip(tiny_code_model, tiny_t
     assert all(float(block.gate.detach()) == 0.0 for block in model.masker.decoder.blocks)
 
 
-@pytest.mark.parametrize("plain", [False, True])
-def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, plain):
+@pytest.mark.parametrize("reference", [False, True])
+def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, reference):
     x = torch.randn(2, 3, 5, 48)  # channels last
-    out = tiny_code_model.masker.decoder(x, plain=plain)
+    decoder = tiny_code_model.masker.decoder
+    out = decoder_reference(decoder, x) if reference else decoder(x)
     assert out.shape == (2, 12, 20, 48)
     expected = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=4, mode="nearest").permute(0, 2, 3, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -104,7 +117,7 @@ def test_tap_product_convolution_equals_plain_block(tiny_clip_config, size):
         block.norm.bias.normal_()
     x = torch.randn(2, 48, *size)
     fast = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
-    torch.testing.assert_close(fast, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, upsample_block_reference(block, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(3, 5), (1, 1), (1, 4), (6, 2)])
@@ -117,7 +130,7 @@ def test_tap_product_convolution_has_the_plain_gradients(tiny_clip_config, size)
     upstream = torch.randn(2, 48, 2 * size[0], 2 * size[1])
     gradients = []
     for fast in (True, False):
-        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if fast else block.plain_forward(x)
+        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if fast else upsample_block_reference(block, x)
         gradients.append(torch.autograd.grad((out * upstream).sum(), [x, block.conv.weight, block.conv.bias,
                                                                      block.gate, block.norm.weight]))
     for fast_grad, plain_grad in zip(*gradients):
@@ -138,7 +151,7 @@ def test_row_bands_of_the_upsampling_block_equal_the_whole_map(tiny_clip_config,
         bands = [block(channels_last, (start, min(start + band_rows, size[0]))) for start in range(0, size[0], band_rows)]
     assert [band.shape[1] for band in bands] == [2 * (min(start + band_rows, size[0]) - start)
                                                  for start in range(0, size[0], band_rows)]
-    torch.testing.assert_close(torch.cat(bands, dim=1).permute(0, 3, 1, 2), block.plain_forward(x),
+    torch.testing.assert_close(torch.cat(bands, dim=1).permute(0, 3, 1, 2), upsample_block_reference(block, x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -150,7 +163,7 @@ def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkey
         for block in model.masker.decoder.blocks:
             block.gate.fill_(0.6)
         hidden, grid = model.encode_image_dense(torch.randn(1, 3, 40, 24))  # 5 x 3 patches -> 20 x 12
-        whole = model.masker(hidden, grid, plain=True)
+        whole = masker_reference(model.masker, hidden, grid)
         bands = list(model.masker.bands(hidden, grid))
     starts = [start for start, _ in bands]
     expected_bands = {1: 10, 3 * 9 * 48 * 4 * 6: 4, 1 << 30: 1}[max_tap_bytes]  # last block: 10 x 6 input rows
@@ -159,10 +172,10 @@ def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkey
     prompted = F.normalize(torch.randn(3, 32), dim=-1)
     pixels = torch.randn(2, 3, 40, 24)
     torch.testing.assert_close(model.segment_window(pixels, prompted).masks,
-                               model.segment_window(pixels, prompted, plain=True).masks, rtol=1e-5, atol=1e-5)
+                               segment_window_reference(model, pixels, prompted).masks, rtol=1e-5, atol=1e-5)
 
 
-def test_tap_weight_cache_follows_weight_updates(tiny_clip_config):
+def test_upsampling_block_follows_in_place_weight_updates(tiny_clip_config):
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     x = torch.randn(1, 48, 3, 4)
     with torch.no_grad():
@@ -170,8 +183,29 @@ def test_tap_weight_cache_follows_weight_updates(tiny_clip_config):
         first = block(x.permute(0, 2, 3, 1).contiguous())
         block.conv.weight.mul_(2.0)  # an optimiser-style in-place update
         second = block(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
-        torch.testing.assert_close(second, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, upsample_block_reference(block, x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first.permute(0, 3, 1, 2), second)
+
+
+def test_kernels_laid_out_for_inference_give_the_same_masks_and_are_dropped_after(tiny_code_model):
+    model = tiny_code_model
+    with torch.no_grad():
+        for block in model.masker.decoder.blocks:
+            block.gate.fill_(0.6)
+        hidden, grid = model.encode_image_dense(torch.randn(2, 3, 40, 24))
+        expected = model.masker(hidden, grid)
+    blocks = model.masker.decoder.blocks
+    with model.prepared_for_inference():
+        prepared = [block.tap_weights for block in blocks]
+        assert all(weights is not None and not weights.requires_grad for weights in prepared)
+        with model.prepared_for_inference():  # an inner context keeps the outer one's matrices
+            assert all(block.tap_weights is weights for block, weights in zip(blocks, prepared))
+        assert all(block.tap_weights is weights for block, weights in zip(blocks, prepared))
+        with torch.no_grad():
+            torch.testing.assert_close(model.masker(hidden, grid), expected, rtol=0, atol=0)
+            bands = [band for _, band in model.masker.bands(hidden[:1], grid)]
+        torch.testing.assert_close(torch.cat(bands, dim=2), expected[:1], rtol=1e-5, atol=1e-5)
+    assert all(block.tap_weights is None for block in blocks)
 
 
 def test_dense_path_matches_direct_computation(tiny_code_model):
@@ -208,13 +242,13 @@ def test_vocabulary_embeddings_with_shared_prefixes_equal_the_plain_ones(tiny_co
     ids = pad_token_ids(tiny_tokenizer, [template.format(name) for name in names for template in templates])
     model = tiny_code_model
     fast = model.get_template_class_embeddings(ids, len(templates))
-    torch.testing.assert_close(fast, model.get_template_class_embeddings(ids, len(templates), plain=True),
+    torch.testing.assert_close(fast, template_class_embeddings_reference(model, ids, len(templates)),
                                rtol=1e-5, atol=1e-6)
     class_ids = pad_token_ids(tiny_tokenizer, names)  # prompted: start token and learned context shared
     with torch.no_grad():
         model.prompt_learner.context.normal_()
     torch.testing.assert_close(model.get_class_embeddings(class_ids),
-                               model.get_class_embeddings(class_ids, plain=True), rtol=1e-5, atol=1e-6)
+                               class_embeddings_reference(model, class_ids), rtol=1e-5, atol=1e-6)
     by_template = ids.view(len(names), len(templates), -1)
     per_prompt = model.encode_text_groups([model._template_group(by_template[:, index]) for index in range(len(templates))])
     for index, embeddings in enumerate(per_prompt):  # per prompt, not only the ensemble
@@ -321,7 +355,7 @@ def test_total_variation_gradient_keeps_only_its_input():
 def test_tap_products_keep_the_weight_itself_for_backward(tiny_clip_config):
     block = CoDeUpsampleBlock(CoDeConfig(clip_config=tiny_clip_config, **TINY_CODE_OVERRIDES))
     activated = torch.randn(10, 48, requires_grad=True)
-    taps, saved = _storages_saved_for_backward(block._tap_products, activated)
+    taps, saved = _storages_saved_for_backward(lambda x: tap_products(x, block.conv.weight), activated)
     assert saved == {activated.untyped_storage().data_ptr(), block.conv.weight.untyped_storage().data_ptr()}
     upstream = torch.randn_like(taps)
     grads = torch.autograd.grad(taps, [activated, block.conv.weight], upstream)
@@ -337,12 +371,13 @@ def test_feature_pooling_reads_each_image_once_for_all_its_noun_rows(tiny_code_m
     image_embeddings = F.normalize(torch.randn(batch_size, 32, 5, 4), dim=1)
     soft_masks = torch.rand(batch_size * num_words, num_nouns, 5, 4)
     nouns = F.normalize(torch.randn(num_nouns, 32), dim=-1)
-    logits = tiny_code_model._tcl_feature_logits(image_embeddings, soft_masks, nouns)
+    scale = tiny_code_model.tcl_feature_logit_scale.exp().clamp(max=tiny_code_model.config.logit_scale_max)
+    logits = tcl_feature_logits(image_embeddings, soft_masks, nouns, scale, tiny_code_model.config.mask_pool_eps)
     rows = image_embeddings.repeat(num_words, 1, 1, 1)  # noun-major rows: row i is image i % B
     pooled = torch.einsum("nchw,nmhw->nmc", rows, soft_masks) / (soft_masks.sum((-2, -1))[..., None]
                                                                  + tiny_code_model.config.mask_pool_eps)
     cosine = (F.normalize(pooled, dim=-1) * nouns[None]).sum(-1)
-    expected = tiny_code_model.tcl_feature_logit_scale.exp().clamp(max=tiny_code_model.config.logit_scale_max) * cosine
+    expected = scale * cosine
     torch.testing.assert_close(logits, expected)
 
 
@@ -490,9 +525,13 @@ def test_segment_window_shapes(tiny_code_model, tiny_tokenizer):
         for block in model.masker.decoder.blocks:
             block.gate.fill_(0.5)
     pixels = torch.randn(2, 3, 24, 40)
-    plain = model.segment_window(pixels, prompted, None, plain=True)
+    reference = segment_window_reference(model, pixels, prompted, None)
     fast = model.segment_window(pixels, prompted, None)
-    torch.testing.assert_close(plain.masks, fast.masks, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference.masks, fast.masks, rtol=1e-5, atol=1e-5)
+    kp_banded = model.segment_window(pixels, prompted, kp)
+    kp_whole = model.segment_window(pixels, prompted, kp, banded=False)  # the batched, traceable masker path
+    torch.testing.assert_close(kp_whole.masks, kp_banded.masks, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kp_whole.kp_masks, kp_banded.kp_masks)
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -510,6 +549,24 @@ def test_save_and_auto_load_are_bit_identical(tiny_code_model, tiny_tokenizer, t
     a = model.segment_window(pixels, model.get_class_embeddings(classes))
     b = loaded.segment_window(pixels, loaded.get_class_embeddings(classes))
     assert torch.equal(a.masks, b.masks)
+
+
+def test_memory_lean_layers_keep_the_saved_keys_and_config_of_0_1_0(tmp_path):
+    """The swap of CLIP's layers changes no saved name: the state-dict keys are those of the 0.1.0 model."""
+    from safetensors import safe_open
+
+    saved_by_0_1_0 = Path(__file__).resolve().parent / "data" / "model_v0_1"
+    with safe_open(str(saved_by_0_1_0 / "model.safetensors"), "pt") as weights:
+        keys_of_0_1_0 = sorted(weights.keys())
+    model = CoDeModel(CoDeConfig.from_pretrained(saved_by_0_1_0))
+    assert isinstance(model.clip.vision_model.embeddings.patch_embedding, PatchEmbeddingConv2d)
+    assert sorted(model.state_dict()) == keys_of_0_1_0
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        assert sorted(weights.keys()) == keys_of_0_1_0
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.clip_config.vision_config.hidden_act == "quick_gelu"
+    assert config.clip_config.text_config.hidden_act == "quick_gelu"
 
 
 def test_loaded_model_keeps_the_clip_frozen(tiny_code_model, tmp_path):
@@ -578,8 +635,6 @@ def test_the_frozen_clip_embeds_patches_with_a_matrix_product(tiny_code_model):
 def test_memory_lean_quick_gelu_matches_clip_and_saves_one_tensor(tiny_code_model):
     from transformers.activations import QuickGELUActivation
 
-    from modeling_code.modeling_code import MemoryLeanQuickGELU
-
     assert isinstance(tiny_code_model.clip.vision_model.encoder.layers[0].mlp.activation_fn, MemoryLeanQuickGELU)
     x = (torch.randn(3, 7, 11) * 4).requires_grad_()
     upstream = torch.randn(3, 7, 11)
@@ -598,8 +653,8 @@ def test_global_image_embedding_with_class_token_last_block_equals_clip(tiny_cod
     pixels = torch.randn(3, 3, image_size, image_size + 8, requires_grad=True)  # an interpolated grid as well
     upstream = torch.randn(3, model.config.clip_config.projection_dim)
     results = []
-    for plain in (False, True):
-        embeddings = model.encode_image_global(pixels, plain=plain)
+    for encode in (model.encode_image_global, lambda pixels: encode_image_global_reference(model, pixels)):
+        embeddings = encode(pixels)
         results.append((embeddings, *torch.autograd.grad((embeddings * upstream).sum(), pixels)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,522 @@
+"""Tensor operations of CoDe, outside its modules. Most compute the values of a direct computation (tested
+against it) with less memory or less work:
+
+- Memory-lean autograd functions, shaped like timm's ``layers/activations_me.py``: for each op plain
+  ``*_fwd``/``*_bwd`` functions, an autograd ``Function`` calling them that saves only its inputs for backward,
+  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``), total
+  variation (``total_variation``), and the masker decoder's 3×3 convolution of a nearest-×2 upsampled map
+  (``upsampled_conv3x3``: tap products and their phase sums).
+- ``PatchEmbeddingConv2d``: a ViT patch embedding as one matrix product.
+- ``use_memory_lean_layers``: swaps CLIP's layers inside a module for the memory-lean ones, in place.
+- CLIP blocks evaluated for less: self-only attention, the class token alone, and causal text sequences
+  packed back to back with shared prefixes stored once (``pack_prefix_groups``, ``causal_block_packed``).
+
+Besides, ``gumbel_sigmoid_straight_through``: the masker's hard masks, with the gradients of the soft ones.
+
+Only torch and transformers are imported: the package also runs as Hub remote code from a flat folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import QuickGELUActivation
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer, CLIPVisionEmbeddings
+
+
+# --------------------------------------------------------------------------------------------------------------
+# QuickGELU
+# --------------------------------------------------------------------------------------------------------------
+def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def quick_gelu_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``quick_gelu_fwd`` w.r.t. x, with the sigmoid recomputed from x."""
+    gate = torch.sigmoid(1.702 * x)
+    # the products autograd forms for x * sigmoid(1.702 x): d/dx through x, then through the sigmoid
+    return grad_output * gate + 1.702 * torch.ops.aten.sigmoid_backward(grad_output * x, gate)
+
+
+class QuickGELUFunction(torch.autograd.Function):
+    """QuickGELU keeping only x for backward, where autograd keeps x and the sigmoid."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return quick_gelu_fwd(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return quick_gelu_bwd(x, grad_output)
+
+
+class MemoryLeanQuickGELU(nn.Module):
+    """CLIP's QuickGELU with the same values, saving one tensor for backward instead of two.
+
+    Gradients flow through the frozen towers (region highlighting, highlighted captions), where the MLP
+    activations are the largest tensors kept for backward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return QuickGELUFunction.apply(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Total variation
+# --------------------------------------------------------------------------------------------------------------
+def _neighbour_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and horizontal neighbour differences over the last two dims of x."""
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def total_variation_fwd(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertical plus horizontal neighbours over the last two dims of x."""
+    vertical, horizontal = _neighbour_differences(x)
+    return vertical.abs().mean() + horizontal.abs().mean()
+
+
+def total_variation_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``total_variation_fwd`` w.r.t. x: each difference's sign, spread to its two pixels."""
+    grad = torch.zeros_like(x)
+    vertical, horizontal = _neighbour_differences(x)
+    for difference, dim in ((vertical, -2), (horizontal, -1)):
+        step = difference.sign_().mul_(grad_output / difference.numel())
+        size = x.shape[dim] - 1
+        grad.narrow(dim, 1, size).add_(step)
+        grad.narrow(dim, 0, size).sub_(step)
+    return grad
+
+
+class TotalVariationFunction(torch.autograd.Function):
+    """Total variation keeping only x for backward (alive anyway), where autograd keeps both differences."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return total_variation_fwd(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return total_variation_bwd(x, grad_output)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertical plus horizontal neighbours over the last two dims of x."""
+    return TotalVariationFunction.apply(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patch embedding, and the swap of CLIP's layers
+# --------------------------------------------------------------------------------------------------------------
+class PatchEmbeddingConv2d(nn.Conv2d):
+    """A convolution whose stride equals its kernel (a ViT patch embedding), computed as one matrix product of
+    the non-overlapping patches: the values of ``nn.Conv2d`` up to float rounding, with the same parameters.
+
+    Region highlighting backpropagates into the image through the frozen patch embedding, where the strided
+    convolution's input gradient is far slower on a CPU than the matrix product's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C_in, H, W] -> [B, C_out, H // k, W // k] (k the kernel size; trailing pixels dropped, as the
+        convolution does), a channels-last strided view."""
+        batch, channels = x.shape[:2]
+        kernel_height, kernel_width = self.kernel_size
+        height, width = x.shape[2] // kernel_height, x.shape[3] // kernel_width
+        patches = x[:, :, : height * kernel_height, : width * kernel_width]
+        patches = patches.reshape(batch, channels, height, kernel_height, width, kernel_width)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, height * width, -1)
+        out = F.linear(patches, self.weight.view(self.out_channels, -1), self.bias)
+        return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> PatchEmbeddingConv2d | nn.Conv2d:
+        """The same layer (its parameters shared) as a ``PatchEmbeddingConv2d``; any other convolution as it is."""
+        plain_patches = (
+            conv.stride == conv.kernel_size and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+        )
+        if not plain_patches or isinstance(conv, cls):
+            return conv
+        patch_conv = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         bias=conv.bias is not None, device="meta")
+        patch_conv.weight, patch_conv.bias = conv.weight, conv.bias
+        return patch_conv
+
+
+def use_memory_lean_layers(module: nn.Module) -> nn.Module:
+    """Swap CLIP's layers inside ``module`` (in place) for ones with the same values and parameters that keep
+    less for backward or compute their gradients faster; returns ``module``.
+
+    - the QuickGELU of every CLIP-style MLP, frozen or not -> ``MemoryLeanQuickGELU``;
+    - the patch convolution of every CLIP vision embedding -> ``PatchEmbeddingConv2d``, sharing its parameters.
+
+    Configs and saved weights do not change: the activation holds no parameters and the configs keep
+    ``hidden_act="quick_gelu"``; the patch convolution keeps its parameters under the same names. Call it
+    once the layers are built and before weights are loaded or initialised (it shares, never copies, them).
+    """
+    for submodule in list(module.modules()):
+        if isinstance(submodule, CLIPMLP) and isinstance(submodule.activation_fn, QuickGELUActivation):
+            submodule.activation_fn = MemoryLeanQuickGELU()
+        elif isinstance(submodule, CLIPVisionEmbeddings):
+            submodule.patch_embedding = PatchEmbeddingConv2d.replacing(submodule.patch_embedding)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The masker decoder's 3×3 convolution of a nearest-×2 upsampled map, from tap products (docs/method.md#masker)
+# --------------------------------------------------------------------------------------------------------------
+def tap_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
+    output channel): a copy, since no view of the weight has that layout."""
+    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
+
+
+def tap_products_fwd(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """activated [M, C_in] -> its products with every kernel tap [M, 9 * C_out] (tap-major)."""
+    return activated @ tap_layout(weight)
+
+
+def tap_products_bwd(
+    activated: torch.Tensor, weight: torch.Tensor, grad_taps: torch.Tensor, needs_input_grad: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``tap_products_fwd`` w.r.t. (activated, weight), each None where not needed."""
+    grad_activated = grad_taps @ tap_layout(weight).t() if needs_input_grad[0] else None
+    grad_weight = None
+    if needs_input_grad[1]:
+        out_channels, in_channels = weight.shape[:2]
+        grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
+        grad_weight = grad_weight.contiguous()
+    return grad_activated, grad_weight
+
+
+class TapProductsFunction(torch.autograd.Function):
+    """Tap products keeping the weight itself for backward and laying it out again there, where autograd would
+    keep the laid-out copy from forward to backward. Backward computes in the forward product's dtype
+    (autocast may have lowered it); autograd casts the gradients back to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(activated, weight)
+        taps = tap_products_fwd(activated, weight)
+        ctx.compute_dtype = taps.dtype
+        return taps
+
+    @staticmethod
+    def backward(ctx, grad_taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        activated, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
+        return tap_products_bwd(activated, weight, grad_taps.to(ctx.compute_dtype), ctx.needs_input_grad)
+
+
+def tap_products(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """activated [M, C_in], 3×3 weight [C_out, C_in, 3, 3] -> [M, 9 * C_out] (tap-major), lean for backward."""
+    return TapProductsFunction.apply(activated, weight)
+
+
+def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
+    """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
+
+    ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
+    (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
+    ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
+    phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
+    offset dimension.
+    """
+    size = taps.shape[axis]
+    offset = [taps.select(axis + 2, k) for k in range(3)]
+    if phase == 0:
+        total = offset[1] + offset[2]
+        total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
+    else:
+        total = offset[0] + offset[1]
+        total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
+    return total
+
+
+def _spread_phase_grads(phase0: torch.Tensor, phase1: torch.Tensor, axis: int, taps: torch.Tensor, dim: int) -> None:
+    """Adjoint of ``_sum_phase_taps``: gradients of both output phases -> gradients of the 3 taps (written to
+    ``taps.select(dim, k)``). Tap 0 feeds phase 0 one row down and phase 1 in place; tap 1 both in place; tap 2
+    phase 0 in place and phase 1 one row up."""
+    size = phase0.shape[axis]
+    first, middle, last = (taps.select(dim, k) for k in range(3))
+    first.copy_(phase1).narrow(axis, 0, size - 1).add_(phase0.narrow(axis, 1, size - 1))
+    torch.add(phase0, phase1, out=middle)
+    last.copy_(phase0).narrow(axis, 1, size - 1).add_(phase1.narrow(axis, 0, size - 1))
+
+
+def phase_sum_fwd(taps: torch.Tensor) -> torch.Tensor:
+    """Tap products [B, H, W, 3, 3, C] -> the 3×3 convolution of the nearest-×2 upsampled map as its four
+    phases [B, H, 2, W, 2, C] (row phase, column phase; no bias)."""
+    batch, height, width, _, _, channels = taps.shape
+    out = taps.new_empty(batch, height, 2, width, 2, channels)
+    for column_phase in range(2):
+        column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
+        for row_phase in range(2):
+            out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+    return out
+
+
+def phase_sum_bwd(grad_out: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``phase_sum_fwd`` w.r.t. the tap products: [B, H, 2, W, 2, C] -> [B, H, W, 3, 3, C]."""
+    batch, height, _, width, _, channels = grad_out.shape
+    column_sums = grad_out.new_empty(batch, height, width, 3, 2, channels)  # [.., row tap, column phase, C]
+    for column_phase in range(2):
+        _spread_phase_grads(grad_out[:, :, 0, :, column_phase], grad_out[:, :, 1, :, column_phase], 1,
+                            column_sums[..., column_phase, :], 3)
+    taps = grad_out.new_empty(batch, height, width, 3, 3, channels)
+    _spread_phase_grads(column_sums[..., 0, :], column_sums[..., 1, :], 2, taps, 4)
+    return taps
+
+
+class UpsampledConvPhaseSumFunction(torch.autograd.Function):
+    """The phase sums with a hand-written backward: autograd's would allocate and fill a zero tensor of the
+    full tap size for every slice the forward reads."""
+
+    @staticmethod
+    def forward(ctx, taps: torch.Tensor) -> torch.Tensor:
+        return phase_sum_fwd(taps)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        return phase_sum_bwd(grad_out)
+
+
+def _add_neighbour_row(out: torch.Tensor, activated: torch.Tensor, row_tap_weights: torch.Tensor) -> None:
+    """out [B, W, column phase, C] += one neighbour row's products with one row of kernel taps, column-summed.
+
+    activated [B, W, C_in]; row_tap_weights [C_in, 3 * C_out] (the row's three column taps).
+    """
+    batch, width, channels = activated.shape
+    taps = (activated.reshape(-1, channels) @ row_tap_weights).view(batch, 1, width, 1, 3, -1)
+    for column_phase in range(2):
+        out[:, :, column_phase] += _sum_phase_taps(taps, 2, column_phase)[:, 0, :, 0]
+
+
+def upsampled_conv3x3(
+    activated: torch.Tensor,
+    weight: torch.Tensor,
+    row_above: bool = False,
+    row_below: bool = False,
+    tap_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The 3×3 convolution (zero padding 1, no bias) of the nearest-×2 upsampled map, for a band of rows.
+
+    activated: [B, R, W, C_in] channels last: the band's low-resolution rows, preceded by the map's row above
+    the band when ``row_above`` and followed by the row below it when ``row_below`` (without them the band
+    touches the map's border, where the convolution reads its zero padding). weight: [C_out, C_in, 3, 3].
+    Returns the output rows of the band as phases [B, n, 2, W, 2, C_out] (n band rows; row phase, column
+    phase), i.e. [B, 2n, 2W, C_out] once viewed so. ``tap_weights``: ``tap_layout(weight)`` computed
+    beforehand, used where no gradient is needed; by default the weight is laid out in the call.
+
+    Every output pixel of the convolution of the upsampled map sums 9 taps read at low-resolution positions,
+    so each tap's product is computed once per low-resolution pixel (one [C_in, 9 C_out] matrix product) and
+    the four output phases add shifted slices of it: 9 products per low-resolution pixel, where four 2×2 phase
+    convolutions need 16 and the convolution of the upsampled map 36. A neighbour row adds only the one row of
+    taps that reaches into the band.
+    """
+    batch, rows, width, channels = activated.shape
+    rows -= row_above + row_below
+    band = activated[:, int(row_above) : int(row_above) + rows].reshape(-1, channels)  # 2-D: one matrix product
+    if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
+        tap_weights = None
+        taps = tap_products(band, weight)
+    else:  # the weight laid out once, for the band and its neighbour rows
+        tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
+        taps = band @ tap_weights
+    out = UpsampledConvPhaseSumFunction.apply(taps.view(batch, rows, width, 3, 3, -1))
+    if row_above or row_below:
+        tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
+        out_channels = weight.shape[0]
+        if row_above:  # the row above feeds the band's first row (phase 0) with its first row of taps
+            _add_neighbour_row(out[:, 0, 0], activated[:, 0], tap_weights[:, : 3 * out_channels])
+        if row_below:  # the row below feeds the band's last row (phase 1) with its last row of taps
+            _add_neighbour_row(out[:, -1, 1], activated[:, -1], tap_weights[:, 6 * out_channels :])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLIP blocks evaluated for less
+# --------------------------------------------------------------------------------------------------------------
+def causal_attention_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [1, 1, length, length] mask hiding future positions."""
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
+    return mask[None, None]
+
+
+def self_only_attention_block(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A CLIP encoder block where every token attends only to itself (the MaskCLIP trick).
+
+    With a single key the softmax is 1, so attention reduces to ``out_proj(v_proj(ln_1(x)))`` per token.
+    hidden_states: [B, T, W] -> [B, T, W].
+    """
+    attention = layer.self_attn
+    hidden_states = hidden_states + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden_states)))
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+def class_token_block(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A CLIP vision block evaluated at the class token only: [B, T, W] -> [B, 1, W].
+
+    Keys and values come from every token; the query, output projection and MLP run for the class token
+    alone, which is all a global embedding reads from the last block.
+    """
+    attention = layer.self_attn
+    batch = hidden_states.shape[0]
+    normed = layer.layer_norm1(hidden_states)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(
+        heads(attention.q_proj(normed[:, :1])), heads(attention.k_proj(normed)), heads(attention.v_proj(normed)),
+        scale=attention.scale,
+    )
+    class_token = hidden_states[:, :1] + attention.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
+    return class_token + layer.mlp(layer.layer_norm2(class_token))
+
+
+@dataclass
+class PackedSequences:
+    """Index plan for running variable-length causal sequences stored back to back as one [T, W] token matrix.
+
+    Sequence r holds ``lengths[r]`` consecutive tokens; with a parent it continues that sequence, i.e. its
+    tokens attend to all of the parent's tokens, then causally to its own. Rows that share a prefix thus store
+    and compute it once, and the per-token layers run on one matrix with no padding.
+
+    Fields (R sequences, S = longest sequence, P = longest parent):
+        query_index: [R, S] packed position of each sequence's tokens (padding repeats its last token).
+        key_index: [R, P + S] packed positions of the keys each sequence sees: its parent's, then its own.
+        attention_mask: [R, 1, S, P + S] which keys each query may see.
+        is_token: [R, S] which query slots are real tokens; ``x[is_token]`` is back in packed order.
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    attention_mask: torch.Tensor
+    is_token: torch.Tensor
+
+    @classmethod
+    def build(cls, lengths: list[int], parents: list[int], device: torch.device) -> PackedSequences:
+        """lengths: tokens per sequence (each >= 1); parents: index of an earlier sequence, or -1 for none."""
+        lengths_ = torch.tensor(lengths, device=device)
+        parents_ = torch.tensor(parents, device=device)
+        offsets = lengths_.cumsum(0) - lengths_
+        has_parent = parents_ >= 0
+        parent = parents_.clamp(min=0)
+        parent_lengths = torch.where(has_parent, lengths_[parent], 0)
+
+        def slots(starts: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            steps = torch.arange(width, device=device)
+            index = starts[:, None] + torch.minimum(steps[None], (counts[:, None] - 1).clamp(min=0))
+            return index, steps[None] < counts[:, None]
+
+        query_index, is_token = slots(offsets, lengths_, max(lengths))
+        parent_index, is_parent_token = slots(offsets[parent], parent_lengths, int(parent_lengths.max()))
+        span = query_index.shape[1]
+        causal = torch.ones(span, span, dtype=torch.bool, device=device).tril_()
+        attention_mask = torch.cat(
+            [is_parent_token[:, None].expand(-1, span, -1), causal[None] & is_token[:, None]], dim=2
+        )
+        return cls(query_index, torch.cat([parent_index, query_index], 1), attention_mask[:, None], is_token)
+
+
+def pack_prefix_groups(
+    groups: list[tuple[torch.Tensor, torch.Tensor, int]], position_embeddings: torch.Tensor
+) -> tuple[torch.Tensor, PackedSequences, torch.Tensor]:
+    """Groups of causal sequences packed back to back, each group's shared prefix stored once.
+
+    Each group is (inputs_embeds [N, L, W], eos_index [N], prefix_length): its rows share their first
+    ``prefix_length`` word embeddings (each eos_index >= prefix_length). The prefix becomes a parent sequence
+    and each row continues it up to its own EOS; position_embeddings [>= L, W] are added to every token.
+    Returns (tokens [T, W], their plan, eos_rows: the packed position of every row's EOS, groups in order).
+    """
+    pieces, lengths, parents, eos_rows = [], [], [], []
+    for inputs_embeds, eos_index, prefix_length in groups:
+        parent = -1
+        if prefix_length:
+            parent = len(lengths)
+            pieces.append(inputs_embeds[0, :prefix_length] + position_embeddings[:prefix_length])
+            lengths.append(prefix_length)
+            parents.append(-1)
+        row_lengths = eos_index - prefix_length + 1
+        end = int(eos_index.max()) + 1
+        is_token = torch.arange(end - prefix_length, device=eos_index.device)[None] < row_lengths[:, None]
+        pieces.append((inputs_embeds[:, prefix_length:end] + position_embeddings[prefix_length:end])[is_token])
+        eos_rows.append(sum(lengths) + row_lengths.cumsum(0) - 1)
+        lengths.extend(row_lengths.tolist())
+        parents.extend([parent] * len(eos_index))
+    packing = PackedSequences.build(lengths, parents, position_embeddings.device)
+    return torch.cat(pieces), packing, torch.cat(eos_rows)
+
+
+def causal_block_packed(layer: CLIPEncoderLayer, hidden_states: torch.Tensor, packing: PackedSequences) -> torch.Tensor:
+    """A causal CLIP text block over packed sequences: hidden_states [T, W] -> [T, W] (plan: ``packing``)."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    rows = packing.query_index.shape[0]
+
+    def heads(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x[index].view(rows, index.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(
+        heads(attention.q_proj(normed), packing.query_index),
+        heads(attention.k_proj(normed), packing.key_index),
+        heads(attention.v_proj(normed), packing.key_index),
+        attn_mask=packing.attention_mask,
+        scale=attention.scale,
+    )
+    context = context.transpose(1, 2).reshape(rows, packing.query_index.shape[1], -1)[packing.is_token]
+    hidden_states = hidden_states + attention.out_proj(context)
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hard masks with straight-through gradients
+# --------------------------------------------------------------------------------------------------------------
+def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
+    """Hard {0, 1} masks sampled with logistic (Gumbel-difference) noise, with straight-through gradients.
+
+    ``y = sigmoid((logits + log(u / (1 - u))) / tau)``, ``u ~ U(0, 1)``; returns ``(y > 0.5) - y.detach() + y``.
+    Without ``noise`` the logits are thresholded at 0 (same gradients, deterministic).
+    """
+    if noise:
+        uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits + torch.log(uniform) - torch.log1p(-uniform)
+    soft = torch.sigmoid(logits / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+__all__ = [
+    "MemoryLeanQuickGELU",
+    "PackedSequences",
+    "PatchEmbeddingConv2d",
+    "QuickGELUFunction",
+    "TapProductsFunction",
+    "TotalVariationFunction",
+    "UpsampledConvPhaseSumFunction",
+    "causal_attention_mask",
+    "causal_block_packed",
+    "class_token_block",
+    "gumbel_sigmoid_straight_through",
+    "pack_prefix_groups",
+    "phase_sum_bwd",
+    "phase_sum_fwd",
+    "quick_gelu_bwd",
+    "quick_gelu_fwd",
+    "self_only_attention_block",
+    "tap_layout",
+    "tap_products",
+    "tap_products_bwd",
+    "tap_products_fwd",
+    "total_variation",
+    "total_variation_bwd",
+    "total_variation_fwd",
+    "upsampled_conv3x3",
+    "use_memory_lean_layers",
+]
