@@ -19,13 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from modeling_code.inference import VocabularyEmbeddings, pad_to_multiple, sliding_windows
-from modeling_code.modeling_code import (
-    CoDeMasker,
-    CoDeMaskerDecoder,
-    CoDeModel,
-    CoDeUpsampleBlock,
-    CoDeWindowOutput,
-)
+from modeling_code.masker import CoDeMasker, CoDeMaskerDecoder, CoDeUpsampleBlock
+from modeling_code.modeling_code import CoDeModel, CoDeWindowOutput
 from modeling_code.ops import self_only_attention_block
 from modeling_code.pamr import NEIGHBOUR_STEPS, STD_EPS, STD_SCALE
 

@@ -23,10 +23,11 @@ from reference_implementations import (
 )
 from transformers import AutoConfig, AutoModel
 
+import modeling_code.masker
 import modeling_code.modeling_code
 from modeling_code import CoDeConfig, CoDeModel
 from modeling_code.losses import symmetric_infonce, tcl_feature_logits
-from modeling_code.modeling_code import CoDeUpsampleBlock
+from modeling_code.masker import CoDeUpsampleBlock
 from modeling_code.ops import (
     MemoryLeanQuickGELU,
     PatchEmbeddingConv2d,
@@ -157,7 +158,7 @@ def test_row_bands_of_the_upsampling_block_equal_the_whole_map(tiny_clip_config,
 
 @pytest.mark.parametrize("max_tap_bytes", [1, 3 * 9 * 48 * 4 * 6, 1 << 30])  # one row, three rows, one band
 def test_masker_bands_tile_the_embeddings(tiny_code_model, max_tap_bytes, monkeypatch):
-    monkeypatch.setattr(modeling_code.modeling_code, "BAND_TAP_BYTES", max_tap_bytes)
+    monkeypatch.setattr(modeling_code.masker, "BAND_TAP_BYTES", max_tap_bytes)
     model = tiny_code_model
     with torch.no_grad():
         for block in model.masker.decoder.blocks:

@@ -20,7 +20,7 @@ from modeling_code.training.config import TrainingConfig, save_training_config
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FILES = [
     "README.md", "config.json", "configuration_code.py", "image_processing_code.py", "losses.py",
-    "model.safetensors", "modeling_code.py", "ops.py", "processing_code.py", "processor_config.json", "templates.py",
+    "masker.py", "model.safetensors", "modeling_code.py", "ops.py", "processing_code.py", "processor_config.json", "templates.py",
     "text_decomposition.py", "tokenizer.json", "tokenizer_config.json",
 ]
 # Run in a fresh interpreter where importing the package (or spaCy) fails: only the folder's own code can load it.

@@ -1,0 +1,151 @@
+"""The masker, CoDe's trainable image side (docs/method.md#masker).
+
+CLIP's last vision block copied and run with self-only attention, two nearest-x2 upsampling residual blocks and a
+projection to the joint embedding: hidden states entering CLIP's last block -> unit-norm pixel embeddings
+``E [B, C, 4h, 4w]``. At inference the last decoder block and the projection can run in row bands
+(``CoDeMasker.bands``), so their large temporaries stay small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+from .configuration_code import CoDeConfig
+from .ops import self_only_attention_block, upsampled_conv3x3
+
+# Inference computes the decoder's last block in row bands whose tap products stay this small. Temporaries
+# of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
+# every window, which cost more than the two neighbour rows each band adds.
+BAND_TAP_BYTES = 24 * 2**20
+
+
+class CoDeLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B, C, H, W] map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class CoDeUpsampleBlock(nn.Module):
+    """Pre-activation residual block: ``up(x) + tanh(gate) * conv3x3(GELU(LN(up(x))))`` with ``up`` nearest ×2.
+
+    Computed on channels-last [B, H, W, C] maps with less work than the definition (docs/method.md#masker):
+    LayerNorm and GELU act per pixel, so they commute with nearest upsampling and run at low resolution; the
+    convolution of the upsampled map is computed from low-resolution tap products (``ops.upsampled_conv3x3``).
+    """
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        width = config.clip_config.vision_config.hidden_size
+        self.norm = CoDeLayerNorm2d(width, eps=config.clip_config.vision_config.layer_norm_eps)
+        self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
+        self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
+        self.tap_weights: torch.Tensor | None = None  # the kernel laid out, inside CoDeModel.prepared_for_inference
+
+    def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: [B, H, W, C] -> [B, 2H, 2W, C] (channels last).
+
+        ``rows=(start, stop)`` computes only the output rows of low-resolution rows ``start:stop``: [B, 2 (stop -
+        start), 2W, C]. The rows just outside the band add their one needed row of taps (the convolution's
+        neighbours); outside the map they are its zero padding.
+        """
+        batch, height, width, channels = x.shape
+        start, stop = rows or (0, height)
+        top, bottom = max(start - 1, 0), min(stop + 1, height)  # the band with its neighbour rows
+        activated = F.gelu(
+            F.layer_norm(x[:, top:bottom], (channels,), self.norm.weight, self.norm.bias, self.norm.eps)
+        )
+        out = upsampled_conv3x3(activated, self.conv.weight, top < start, bottom > stop, self.tap_weights)
+        out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, start:stop, None, :, None])
+        return out.view(batch, 2 * (stop - start), 2 * width, channels)
+
+
+class CoDeMaskerDecoder(nn.Module):
+    """Stack of upsampling blocks, ×2 each: [B, h, w, C] -> [B, h * 2^n, w * 2^n, C] (channels last)."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList([CoDeUpsampleBlock(config) for _ in range(config.decoder_num_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def bands(self, x: torch.Tensor, max_tap_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The same output, the last block in bands of input rows whose tap products fit ``max_tap_bytes``:
+        yields (first output row, band [B, rows, W', C]). The full-resolution map never exists at once."""
+        for block in self.blocks[:-1]:
+            x = block(x)
+        batch, height, width, channels = x.shape
+        band_rows = max(1, max_tap_bytes // (batch * width * 9 * channels * x.element_size()))
+        for start in range(0, height, band_rows):
+            yield 2 * start, self.blocks[-1](x, (start, min(start + band_rows, height)))
+
+
+class CoDeMaskerProjection(nn.Module):
+    """Per-pixel LayerNorm + linear W_v -> C (no bias), initialised from CLIP's post-LN and visual projection."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        vision = config.clip_config.vision_config
+        self.layer_norm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.proj = nn.Linear(vision.hidden_size, config.clip_config.projection_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, W, W_v] (channels last) -> [B, H, W, C]."""
+        return self.proj(self.layer_norm(x))
+
+
+class CoDeMasker(nn.Module):
+    """Trainable image side: CLIP last-block copy (self-only attention), decoder, projection, L2 norm."""
+
+    def __init__(self, config: CoDeConfig):
+        super().__init__()
+        self.backbone_block = CLIPEncoderLayer(config.clip_config.vision_config)
+        self.decoder = CoDeMaskerDecoder(config)
+        self.projection = CoDeMaskerProjection(config)
+
+    def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """hidden_states: [B, 1 + h*w, W_v] entering CLIP's last block -> spatial embeddings E [B, C, 4h, 4w].
+
+        E is unit-norm over C; it is computed channels last, and returned as a (channels-last strided) view.
+        The whole batch in one pass, without row bands: the training path, and the one to trace
+        (``torch.export``, ONNX).
+        """
+        feature_map = self._feature_map(hidden_states, grid_size)
+        return self._embed(self.decoder(feature_map))
+
+    def bands(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The same E in bands of rows: yields (first row, E band [B, C, rows, 4w]).
+
+        For inference: the decoder's last block and the projection run band by band, so their large
+        temporaries (the tap products, the W_v-wide map at full resolution) stay a few MB each.
+        """
+        feature_map = self._feature_map(hidden_states, grid_size)
+        for start, band in self.decoder.bands(feature_map, BAND_TAP_BYTES):
+            yield start, self._embed(band)
+
+    def _feature_map(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Backbone block (self-only attention), class token dropped: [B, 1 + h*w, W_v] -> [B, h, w, W_v]."""
+        hidden_states = self_only_attention_block(self.backbone_block, hidden_states)
+        return hidden_states[:, 1:].reshape(hidden_states.shape[0], *grid_size, -1)
+
+    def _embed(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Projection and L2 norm: decoded [B, H, W, W_v] -> E [B, C, H, W] (a channels-last strided view)."""
+        return F.normalize(self.projection(decoded), dim=-1).permute(0, 3, 1, 2)
+
+
+__all__ = [
+    "BAND_TAP_BYTES",
+    "CoDeLayerNorm2d",
+    "CoDeMasker",
+    "CoDeMaskerDecoder",
+    "CoDeMaskerProjection",
+    "CoDeUpsampleBlock",
+]
