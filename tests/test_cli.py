@@ -197,6 +197,14 @@ def test_duplicate_and_overlong_class_names_warn(model_dir, tmp_path, caplog):
     assert [c["name"] for c in summary["classes"]] == ["cat", long_name]
 
 
+def test_classes_separated_by_line_breaks_are_separate_classes(model_dir, tmp_path):
+    image = write_photo(tmp_path / "a.png", 20, 20, seed=7)
+    out = tmp_path / "out"
+    assert main(["segment", str(image), "--classes", "cat\nsofa\ndog", "--model", str(model_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "a.json").read_text())
+    assert [c["name"] for c in summary["classes"]] == ["cat", "sofa", "dog"]
+
+
 def test_help_lists_the_segment_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--help"])

@@ -123,6 +123,16 @@ def test_class_request_repairs_empty_and_repeated_entries():
     assert off.class_names == ["sky"] and "'background' was ignored" in off.notes[0]
 
 
+def test_class_request_splits_lines_like_commas():
+    request = parse_class_request("cat\nsofa\ndog", use_background=False)
+    assert request.class_names == ["cat", "sofa", "dog"] and request.notes == []
+    request = parse_class_request("cat,\n sofa,\n\ndog\n", use_background=True)
+    assert request.class_names == ["background", "cat", "sofa", "dog"] and request.notes == []
+    assert parse_class_request("cat,,\nsofa", use_background=False).notes == [
+        "Empty entries in the class list were ignored."
+    ]
+
+
 def test_class_request_limits():
     names = ", ".join(f"class{i}" for i in range(MAX_CLASSES))
     assert len(parse_class_request(names, use_background=False).class_names) == MAX_CLASSES

@@ -45,8 +45,8 @@ def _add_segment_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--classes",
         required=True,
-        help='comma-separated class names, e.g. "cat, sofa, background"; "background" is a constant '
-        "score map (see --bg-thresh), not a text query",
+        help='class names separated by commas or line breaks, e.g. "cat, sofa, background"; "background" is '
+        "a constant score map (see --bg-thresh), not a text query",
     )
     parser.add_argument("--model", required=True, help="saved CoDe model directory or Hub id")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")

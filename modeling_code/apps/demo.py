@@ -95,22 +95,31 @@ class ClassRequest:
     notes: list[str]
 
 
+def _has_empty_entries(text: str) -> bool:
+    """Whether a line of the class text has an empty entry between commas (``"cat,, dog"``, ``", cat"``).
+
+    Blank lines and a comma ending a line (``"cat,\\ndog"``) are layout, not empty entries.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return any(not entry.strip() for line in lines for entry in line.removesuffix(",").split(","))
+
+
 def parse_class_request(
     class_text: str | None, use_background: bool, max_classes: int = MAX_CLASSES
 ) -> ClassRequest:
-    """Validate the comma-separated class text of the page.
+    """Validate the class text of the page: names separated by commas or line breaks.
 
-    Empty entries and repeated names (case-insensitive, first spelling kept) are dropped with a note;
-    ``background`` typed in the text is dropped too, since the background switch decides about it.
+    Empty entries between commas and repeated names (case-insensitive, first spelling kept) are dropped with a
+    note (blank lines and a comma at the end of a line are just layout); ``background`` typed in the text is
+    dropped too, since the background switch decides about it.
 
     Raises:
         gr.Error: no class names, a name longer than ``MAX_CLASS_NAME_LENGTH``, or more than ``max_classes``.
     """
     text = class_text or ""
-    entries = text.split(",")
     names = parse_class_list(text)
     notes = []
-    if len(names) < len(entries) and text.strip():
+    if _has_empty_entries(text):
         notes.append("Empty entries in the class list were ignored.")
     if any(name.lower() == BACKGROUND_CLASS for name in names):
         names = [name for name in names if name.lower() != BACKGROUND_CLASS]
@@ -127,7 +136,9 @@ def parse_class_request(
         notes.append(f"Repeated class names were ignored: {', '.join(duplicates)}.")
     names = list(unique.values())
     if not names:
-        raise gr.Error("Enter at least one class name, e.g. 'cat, sofa, plant' (comma-separated).")
+        raise gr.Error(
+            "Enter at least one class name, e.g. 'cat, sofa, plant' (separated by commas or line breaks)."
+        )
     too_long = [name for name in names if len(name) > MAX_CLASS_NAME_LENGTH]
     if too_long:
         raise gr.Error(
@@ -221,7 +232,7 @@ def predict(
     Args:
         segmenter: the process's segmenter, or None when no model could be loaded.
         image: a PIL image, NumPy array or file path.
-        class_text: comma-separated class names.
+        class_text: class names separated by commas or line breaks.
         use_background: add the ``background`` class (a constant score of ``background_threshold``).
         background_threshold: in [0, 1].
         use_pamr: refine the masks with PAMR.
@@ -351,7 +362,8 @@ def build_demo(
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 preset = gr.Dropdown(list(presets), value=default_preset, label="Class preset")
                 class_text = gr.Textbox(
-                    value=default_text, lines=2, label="Classes (comma-separated)", elem_id="class-text"
+                    value=default_text, lines=2, label="Classes (separated by commas or line breaks)",
+                    elem_id="class-text",
                 )
                 with gr.Row():
                     use_background = gr.Checkbox(value=default_background, label="Background class")

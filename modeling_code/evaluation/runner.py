@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from ..inference import parse_class_list
 from .evaluator import BenchmarkResult, evaluate_benchmark, write_outputs
 from .segmentation_datasets import build_source
 from .specs import custom_benchmark, expand_benchmarks, get_benchmark
@@ -109,7 +110,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--labels_are_mapped", action="store_true",
                         help="--dataset labels are already class indices (skip the benchmark's raw-id mapping)")
-    parser.add_argument("--class_names", help="comma-separated classes for a custom --dataset (no --benchmark)")
+    parser.add_argument("--class_names", help="classes for a custom --dataset (no --benchmark), separated by commas or line breaks")
     parser.add_argument("--background", action="store_true", help="with --class_names: label 0 is background")
     parser.add_argument("--output_dir", default="outputs/evaluation")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
@@ -137,7 +138,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     segmenter = CoDeSegmenter.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=accelerator.device)
     segmenter = CoDeSegmenter(with_inference_settings(segmenter.model, **settings), segmenter.processor)
     if args.class_names:
-        names = [name.strip() for name in args.class_names.split(",") if name.strip()]
+        names = parse_class_list(args.class_names)
         specs = [custom_benchmark(["background", *names] if args.background else names, args.background)]
     else:
         specs = expand_benchmarks(args.benchmark)
