@@ -3,8 +3,9 @@
 Everything is done with PIL, NumPy and torch (no torchvision):
 
 - ``load_image`` turns PIL images of any mode, NumPy arrays, file paths and encoded bytes into an RGB
-  PIL image. Transparent pixels are composited onto white (how such images are displayed), 16-bit
-  data is scaled to 8 bits, and anything unusable raises ``InvalidImageError``.
+  PIL image. Files and bytes are turned upright by their EXIF orientation, transparent pixels are
+  composited onto white (how such images are displayed), 16-bit data is scaled to 8 bits, and anything
+  unusable raises ``InvalidImageError``.
 - training (spec §2.1): RandomResizedCrop with torchvision's sampling rule, PIL bilinear resize,
   horizontal flip, normalisation with ImageNet statistics.
 - evaluation (spec §3.3): keep-ratio resize so the short side is 448 with the long side capped at
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
@@ -39,6 +40,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
 # PIL opens 16-bit PNG/TIFF data as one of these modes; "I" (32-bit int) is read as 16-bit data too.
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+EXIF_ORIENTATION_TAG = 0x0112
 # torchvision's RandomResizedCrop tries this many random boxes before falling back to a centre crop.
 CROP_ATTEMPTS = 10
 TORCH_INTERPOLATION = {
@@ -114,6 +116,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise InvalidImageError(f"Cannot convert a {image.mode} image to RGB: {err}") from err
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The decoded image as viewers show it: its EXIF orientation (how phones store photos) applied."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):  # unreadable EXIF: keep the stored pixels
+        return image
+    return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+
+
 def _decode(source: io.BytesIO | Path, description: str, max_pixels: int | None) -> Image.Image:
     """Open, fully decode and convert an encoded image; decoding errors become ``InvalidImageError``."""
     try:
@@ -122,7 +133,7 @@ def _decode(source: io.BytesIO | Path, description: str, max_pixels: int | None)
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: far less memory for huge photos.
                 opened.draft("RGB", _capped_size(opened.width, opened.height, max_pixels))
             opened.load()
-            return _to_rgb(opened)
+            return _to_rgb(_upright(opened))
     except InvalidImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
@@ -156,7 +167,9 @@ def load_image(image: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     Conversions: transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited
     onto white; 16-bit data (I;16*, and I, which is how PIL opens 16-bit PNGs) is scaled by 255/65535;
     mode F follows the float array rule ([0, 1]); CMYK, palette, 1-bit and the rest use PIL's
-    ``convert("RGB")``. EXIF orientation is not applied: pixels stay as stored, like dataset masks.
+    ``convert("RGB")``. Files and bytes are turned by their EXIF orientation (phone photos), as viewers and
+    browsers show them; PIL images and arrays are taken as they are (their owner decoded them, e.g. a benchmark
+    loader that keeps the stored orientation its label maps share).
 
     Raises:
         InvalidImageError: empty image, unreadable or corrupt data, missing path, wrong array shape or

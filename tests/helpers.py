@@ -16,7 +16,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import CLIPConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,36 @@ def save_tiny_model(directory, clip_dir, tokenizer):
     image_processor = CoDeImageProcessor(eval_short_side=64, eval_max_long_side=128, train_crop_size=32)
     CoDeProcessor(image_processor, tokenizer).save_pretrained(directory)
     return directory
+
+
+# EXIF orientation -> the transposition that turns the upright picture into the stored pixels (the inverse of
+# what a viewer applies): 3 is upside down, 6 a phone held upright (rotate 90° clockwise to view), 8 the other way.
+EXIF_ORIENTATION_TAG = 0x0112
+STORED_FROM_UPRIGHT = {
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def upright_test_picture(width: int = 48, height: int = 30, seed: int = 0) -> Image.Image:
+    """An RGB picture without any symmetry: random pixels plus a red block in the top-left corner."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 3, : width // 4] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def save_exif_photo(path: Path, upright: Image.Image, orientation: int) -> Path:
+    """Store ``upright`` as a camera does: pixels turned by ``orientation``, the EXIF tag saying how to view them.
+
+    The format follows the suffix (PNG keeps the pixels exact; JPEG is what phones write).
+    """
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    stored = upright.transpose(STORED_FROM_UPRIGHT[orientation]) if orientation in STORED_FROM_UPRIGHT else upright
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored.save(path, exif=exif.tobytes())
+    return path
 
 
 def launch_two_processes(script_and_arguments: list[str], attempts: int = 3) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import save_exif_photo, upright_test_picture
 from PIL import Image
 
 from modeling_code.apps.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
@@ -203,6 +204,20 @@ def test_classes_separated_by_line_breaks_are_separate_classes(model_dir, tmp_pa
     assert main(["segment", str(image), "--classes", "cat\nsofa\ndog", "--model", str(model_dir), "--out", str(out)]) == 0
     summary = json.loads((out / "a.json").read_text())
     assert [c["name"] for c in summary["classes"]] == ["cat", "sofa", "dog"]
+
+
+def test_a_phone_photo_is_segmented_and_saved_upright(model_dir, tmp_path):
+    upright = upright_test_picture(64, 36, seed=8)
+    Image.Image.save(upright, tmp_path / "upright.png")
+    save_exif_photo(tmp_path / "phone.png", upright, 6)
+    out = tmp_path / "out"
+    arguments = ["--classes", "cat, sofa, background", "--model", str(model_dir), "--out", str(out), "--no-pamr"]
+    assert main(["segment", str(tmp_path / "upright.png"), str(tmp_path / "phone.png"), *arguments]) == EXIT_OK
+    labels = np.asarray(Image.open(out / "phone_labels.png"))
+    assert labels.shape == (36, 64)
+    np.testing.assert_array_equal(labels, np.asarray(Image.open(out / "upright_labels.png")))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "phone_overlay.png")),
+                                  np.asarray(Image.open(out / "upright_overlay.png")))
 
 
 def test_help_lists_the_segment_command(capsys):
