@@ -220,6 +220,15 @@ def test_a_phone_photo_is_segmented_and_saved_upright(model_dir, tmp_path):
                                   np.asarray(Image.open(out / "upright_overlay.png")))
 
 
+def test_json_is_utf8_text(model_dir, tmp_path):
+    image = write_photo(tmp_path / "a.png", 20, 20, seed=9)
+    out = tmp_path / "out"
+    assert main(["segment", str(image), "--classes", "café, 猫", "--model", str(model_dir), "--out", str(out)]) == 0
+    raw = (out / "a.json").read_bytes()
+    assert "café".encode() in raw and "猫".encode() in raw and b"\\u" not in raw
+    assert [c["name"] for c in json.loads(raw.decode("utf-8"))["classes"]] == ["café", "猫"]
+
+
 def test_help_lists_the_segment_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--help"])

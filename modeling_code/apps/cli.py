@@ -146,7 +146,8 @@ def _run_segment(args: argparse.Namespace) -> int:
             "pamr": segmenter.use_pamr,
             "model": str(args.model),
         }
-        (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
     if failed:
         _error("segment", f"{failed} of {len(args.images)} images could not be read")
         return EXIT_SOME_FAILED
