@@ -18,7 +18,7 @@ literal masker decoder; both paths agree to float rounding.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -81,6 +81,15 @@ def parse_class_list(text: str) -> list[str]:
     return [name.strip() for name in CLASS_SEPARATORS.split(text) if name.strip()]
 
 
+def _refuse_non_lists(class_names: object) -> None:
+    """``None`` (classes forgotten) and other non-iterables get a sentence, not Python's "not iterable"."""
+    example = "e.g. ['cat', 'sofa', 'background']"
+    if class_names is None:
+        raise TypeError(f"The classes are missing: pass a list of class names, {example}")
+    if not isinstance(class_names, (str, Iterable)):
+        raise TypeError(f"The classes must be a list of class names, not {type(class_names).__name__}: {example}")
+
+
 def _refuse_line_breaks(class_names: Sequence[str]) -> None:
     """A name holding a line break is two names run together (a pasted multi-line list): name it."""
     for position, name in enumerate(class_names):
@@ -102,11 +111,13 @@ def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None
         TypeError: ``class_names`` is a single string or holds something other than strings.
         ValueError: no class names, an empty name, a name holding a line break, or ``background`` alone.
     """
+    _refuse_non_lists(class_names)
     if isinstance(class_names, str):
         raise TypeError(
             "class_names must be a list of names, not one string; split a comma-separated list with "
             "modeling_code.inference.parse_class_list"
         )
+    class_names = list(class_names)  # iterated twice below
     _refuse_line_breaks(class_names)
     names: list[str] = []
     seen: set[str] = set()

@@ -177,6 +177,9 @@ def test_an_unreadable_file_is_named(segmenter, tmp_path):
         ([], ValueError, "No class names"),
         ("cat", TypeError, "not one string"),
         (["background"], ValueError, "alone"),
+        (None, TypeError, r"classes are missing: pass a list of class names, e\.g\. \['cat'"),
+        (3, TypeError, "a list of class names, not int"),
+        (["cat", "sofa\ndog"], ValueError, "holds a line break"),
     ],
 )
 def test_bad_class_lists_are_named(segmenter, classes, error, message):
