@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,6 +102,28 @@ def save_exif_photo(path: Path, upright: Image.Image, orientation: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     stored.save(path, exif=exif.tobytes())
     return path
+
+
+def code_seg_command(*arguments: str, drop_root_override: bool = False) -> list[str]:
+    """The ``code-seg`` command line run in a subprocess from this checkout (the console script's entry point).
+
+    ``drop_root_override``: run without root's power to write anywhere (``setpriv`` drops CAP_DAC_OVERRIDE), so
+    a folder's permission bits count as they do for any user.
+    """
+    command = [sys.executable, "-c", "import sys; from modeling_code.apps.cli import main; sys.exit(main())", *arguments]
+    if drop_root_override and os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise RuntimeError("running as root needs setpriv (util-linux) to test folder permissions")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search",
+                   "--inh-caps=-dac_override,-dac_read_search", *command]
+    return command
+
+
+def code_seg_environment() -> dict[str, str]:
+    """The environment of a ``code-seg`` subprocess: offline, this checkout first on the import path."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def launch_two_processes(script_and_arguments: list[str], attempts: int = 3) -> subprocess.CompletedProcess:
