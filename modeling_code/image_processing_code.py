@@ -16,10 +16,12 @@ Everything is done with PIL, NumPy and torch (no torchvision):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,10 +127,24 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
 
 
+@contextlib.contextmanager
+def _refusing_bombs(description: str) -> Iterator[None]:
+    """Refuse images above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``), which PIL would only warn about."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise InvalidImageError(
+            f"Cannot decode {description}: it has more pixels than the limit of {Image.MAX_IMAGE_PIXELS:,} that "
+            f"images are decoded up to (a guard against decompression bombs): {error}"
+        ) from error
+
+
 def _decode(source: io.BytesIO | Path, description: str, max_pixels: int | None) -> Image.Image:
     """Open, fully decode and convert an encoded image; decoding errors become ``InvalidImageError``."""
     try:
-        with Image.open(source) as opened:
+        with _refusing_bombs(description), Image.open(source) as opened:
             if max_pixels is not None and opened.width * opened.height > max_pixels:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: far less memory for huge photos.
                 opened.draft("RGB", _capped_size(opened.width, opened.height, max_pixels))
@@ -162,7 +178,8 @@ def load_image(image: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             uint16, or float in [0, 1]); a file path (``str`` or ``Path``); encoded bytes; or a mapping
             with ``"bytes"`` or ``"path"`` (what ``datasets.Image(decode=False)`` yields).
         max_pixels: images with more pixels are downscaled (aspect kept, bilinear) with a warning;
-            ``None`` disables the cap.
+            ``None`` disables the cap. Encoded images above PIL's limit (``Image.MAX_IMAGE_PIXELS``, about
+            89 million pixels) are refused whatever the cap.
 
     Conversions: transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited
     onto white; 16-bit data (I;16*, and I, which is how PIL opens 16-bit PNGs) is scaled by 255/65535;

@@ -9,11 +9,13 @@ import contextlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +104,18 @@ def save_exif_photo(path: Path, upright: Image.Image, orientation: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     stored.save(path, exif=exif.tobytes())
     return path
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A black 1-bit PNG of ``width`` x ``height`` pixels: a few kilobytes that decode to ``width * height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def code_seg_command(*arguments: str, drop_root_override: bool = False) -> list[str]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import save_exif_photo, upright_test_picture
+from helpers import png_bomb, save_exif_photo, upright_test_picture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
@@ -182,6 +183,24 @@ def test_exif_orientation_of_files_and_bytes_is_applied(tmp_path, orientation):
         expected = ImageOps.exif_transpose(opened).convert("RGB")
     np.testing.assert_array_equal(np.asarray(load_image(jpeg)), np.asarray(expected))
     assert load_image(jpeg).size == upright.size
+
+
+@pytest.mark.parametrize("scale", [1.01, 2.5])
+def test_images_above_pils_pixel_limit_are_refused_without_a_raw_warning(scale, recwarn):
+    side = int((Image.MAX_IMAGE_PIXELS * scale) ** 0.5) + 1
+    bomb = png_bomb(side, side)
+    assert len(bomb) < 200_000
+    with pytest.raises(InvalidImageError, match=r"more pixels than the limit of 89,478,485 .*decompression bomb"):
+        load_image(bomb)
+    assert not [warning for warning in recwarn if issubclass(warning.category, Image.DecompressionBombWarning)]
+
+
+def test_images_between_the_cap_and_pils_limit_are_downscaled_with_one_log_line(caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = load_image(png_bomb(5000, 4000), max_pixels=1_000_000)
+    assert loaded.size == (1118, 894)
+    (record,) = caplog.records
+    assert "5000x4000" in record.getMessage() and "1118x894" in record.getMessage()
 
 
 def test_decoded_pil_images_keep_their_pixels(tmp_path):
