@@ -147,9 +147,9 @@ def test_unreadable_images_are_reported_and_the_others_processed(model_dir, tmp_
     [
         (["--classes", " , ,"], "No class names"),
         (["--classes", "background"], "alone"),
-        (["--classes", "cat", "--bg-thresh", "1.5"], "--bg-thresh must be in"),
+        (["--classes", "cat", "--bg-thresh", "1.5"], "--bg_thresh must be in"),
         (["--classes", "cat", "--alpha", "-1"], "--alpha must be in"),
-        (["--classes", "cat", "--max-pixels", "0"], "--max-pixels must be positive"),
+        (["--classes", "cat", "--max-pixels", "0"], "--max_pixels must be positive"),
     ],
 )
 def test_unusable_arguments_are_named_before_loading_anything(tmp_path, capsys, extra, message):
@@ -238,9 +238,9 @@ def test_an_output_path_that_is_a_file_is_named(model_dir, tmp_path, capsys):
     image = write_photo(tmp_path / "a.png", 20, 20, seed=1)
     (tmp_path / "out").write_text("a file")
     assert main(segment_arguments(model_dir, tmp_path / "out", image)) == EXIT_USAGE
-    assert "--out is a file, not a folder" in capsys.readouterr().err
+    assert "--output_dir is a file, not a folder" in capsys.readouterr().err
     assert main(segment_arguments(model_dir, tmp_path / "out" / "deeper", image)) == EXIT_USAGE
-    assert "above --out is a file" in capsys.readouterr().err
+    assert "above --output_dir is a file" in capsys.readouterr().err
 
 
 def test_nothing_is_written_when_the_model_cannot_be_loaded(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The ``code-seg`` command line.
 
-    code-seg segment IMAGE [IMAGE ...] --classes "cat, sofa, background" --model PATH_OR_ID --out DIR
+    code-seg segment IMAGE [IMAGE ...] --classes "cat, sofa, background" --model PATH_OR_ID --output_dir DIR
     code-seg evaluate --model PATH_OR_ID --benchmark voc --data_root data
     code-seg toy-world [--output_dir outputs/toy_world]
 
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .allocator import retain_freed_memory
+from .flags import ArgumentParser
 
 # Exit codes: 0 success, 1 some inputs failed (the others were processed), 2 unusable arguments or model.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -48,19 +49,19 @@ def _add_segment_command(subparsers: argparse._SubParsersAction) -> None:
         "--classes",
         required=True,
         help='class names separated by commas or line breaks, e.g. "cat, sofa, background"; "background" is '
-        "a constant score map (see --bg-thresh), not a text query",
+        "a constant score map (see --bg_thresh), not a text query",
     )
     parser.add_argument("--model", required=True, help="saved CoDe model directory or Hub id")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
-    parser.add_argument("--no-pamr", action="store_true", help="skip the PAMR mask refinement (faster)")
+    parser.add_argument("--output_dir", dest="out", required=True, type=Path, help="output folder (created if missing)")
+    parser.add_argument("--no_pamr", action="store_true", help="skip the PAMR mask refinement (faster)")
     parser.add_argument(
-        "--bg-thresh",
+        "--bg_thresh",
         type=float,
         default=None,
         help="score of the background class (default: the model's, 0.4)",
     )
     parser.add_argument(
-        "--max-pixels",
+        "--max_pixels",
         type=int,
         default=None,
         help="downscale larger images, with a warning (default 4096*4096)",
@@ -70,6 +71,7 @@ def _add_segment_command(subparsers: argparse._SubParsersAction) -> None:
         "--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps (default auto)"
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1] (default 0.5)")
+    parser.add_alias("--out", "--output_dir")
     parser.set_defaults(handler=_run_segment)
 
 
@@ -111,7 +113,7 @@ def check_output_folder(out: Path, files: Sequence[Path]) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        where = "--out" if existing == out else f"the folder {existing} above --out"
+        where = "--output_dir" if existing == out else f"the folder {existing} above --output_dir"
         raise NotADirectoryError(f"{where} is a file, not a folder: {existing}")
     try:  # a real write: permissions, read-only file systems and ACLs all answer here (os.access misses some)
         with tempfile.TemporaryFile(dir=existing):
@@ -144,12 +146,12 @@ def _run_segment(args: argparse.Namespace) -> int:
         class_names, _ = clean_class_names(parse_class_list(args.classes))
         if args.bg_thresh is not None and not 0.0 <= args.bg_thresh <= 1.0:
             raise ValueError(
-                f"--bg-thresh must be in [0, 1] (scores are probabilities); got {args.bg_thresh}"
+                f"--bg_thresh must be in [0, 1] (scores are probabilities); got {args.bg_thresh}"
             )
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1]; got {args.alpha}")
         if args.max_pixels is not None and args.max_pixels < 1:
-            raise ValueError(f"--max-pixels must be positive; got {args.max_pixels}")
+            raise ValueError(f"--max_pixels must be positive; got {args.max_pixels}")
         check_output_folder(args.out, [path for stem in stems for path in _output_files(args.out, stem)])
     except (ValueError, TypeError, OSError) as err:
         _error("segment", str(err))
@@ -289,7 +291,7 @@ COMMANDS = (_add_segment_command, _add_evaluate_command, _add_toy_world_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="code-seg", description="CoDe open-vocabulary semantic segmentation (CVPR 2024) on transformers."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

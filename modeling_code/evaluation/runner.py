@@ -128,6 +128,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     """Evaluate every requested benchmark (each process its shard) and write the outputs on the main process."""
+    # Names and folders first: a typo is reported before the model is loaded.
+    if args.class_names:
+        names = parse_class_list(args.class_names)
+        specs = [custom_benchmark(["background", *names] if args.background else names, args.background)]
+    else:
+        specs = expand_benchmarks(args.benchmark)
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise FileNotFoundError(f"--data_root {args.data_root} is not a folder")
+
     import torch
     from accelerate import Accelerator
 
@@ -137,11 +146,6 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     settings = {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}
     segmenter = CoDeSegmenter.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=accelerator.device)
     segmenter = CoDeSegmenter(with_inference_settings(segmenter.model, **settings), segmenter.processor)
-    if args.class_names:
-        names = parse_class_list(args.class_names)
-        specs = [custom_benchmark(["background", *names] if args.background else names, args.background)]
-    else:
-        specs = expand_benchmarks(args.benchmark)
     results = []
     for spec in specs:
         with accelerator.main_process_first():
