@@ -10,7 +10,8 @@ import argparse
 
 from modeling_code.apps.allocator import retain_freed_memory
 from modeling_code.apps.flags import ArgumentParser
-from modeling_code.evaluation.runner import add_evaluate_arguments, run_evaluate
+from modeling_code.evaluation.arguments import add_evaluate_arguments
+from modeling_code.evaluation.runner import run_evaluate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,9 @@
 
 Each subcommand is one ``_add_<name>_command(subparsers)`` function that declares its arguments and sets
 ``handler`` (``args -> exit code``); ``COMMANDS`` lists them. Handlers import the heavy modules (torch,
-transformers) themselves, so ``code-seg --help`` stays fast.
+transformers) themselves after the checks that need neither, and the console script enters through
+``code_seg_cli``, which defers the package's Auto-class registration: ``code-seg --help`` and argument errors
+answer before torch is imported.
 """
 
 from __future__ import annotations
@@ -138,12 +140,16 @@ def _quiet_libraries() -> None:
     warnings.showwarning = one_line
 
 
-def _run_segment(args: argparse.Namespace) -> int:
-    from ..inference import clean_class_names, parse_class_list
+def _register_auto_classes() -> None:
+    """What ``import modeling_code`` does, which ``code_seg_cli`` deferred while the arguments were parsed."""
+    import modeling_code
 
+    modeling_code.register_auto_classes()
+
+
+def _run_segment(args: argparse.Namespace) -> int:
     stems = _output_stems(args.images)
-    try:
-        class_names, _ = clean_class_names(parse_class_list(args.classes))
+    try:  # the checks that need no torch first
         if args.bg_thresh is not None and not 0.0 <= args.bg_thresh <= 1.0:
             raise ValueError(
                 f"--bg_thresh must be in [0, 1] (scores are probabilities); got {args.bg_thresh}"
@@ -153,7 +159,14 @@ def _run_segment(args: argparse.Namespace) -> int:
         if args.max_pixels is not None and args.max_pixels < 1:
             raise ValueError(f"--max_pixels must be positive; got {args.max_pixels}")
         check_output_folder(args.out, [path for stem in stems for path in _output_files(args.out, stem)])
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, OSError) as err:
+        _error("segment", str(err))
+        return EXIT_USAGE
+    from ..inference import clean_class_names, parse_class_list
+
+    try:
+        class_names, _ = clean_class_names(parse_class_list(args.classes))
+    except (ValueError, TypeError) as err:
         _error("segment", str(err))
         return EXIT_USAGE
     missing = [image for image in args.images if not Path(image).is_file()]
@@ -171,6 +184,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     from ..predict.loading import resolve_device, resolve_model_source
     from ..predict.segmenter import CoDeSegmenter
 
+    _register_auto_classes()
     _quiet_libraries()
     try:
         device = resolve_device(args.device)
@@ -230,7 +244,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 # evaluate
 # --------------------------------------------------------------------------------------------------------------
 def _add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
-    from ..evaluation.runner import add_evaluate_arguments
+    from ..evaluation.arguments import add_evaluate_arguments
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -243,6 +257,8 @@ def _add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.runner import run_evaluate
+
+    _register_auto_classes()
 
     try:
         run_evaluate(args)
@@ -273,6 +289,8 @@ def _run_toy_world(args: argparse.Namespace) -> int:
     import torch
 
     from ..toy.end_to_end import ToyPipelineSettings, run_toy_world
+
+    _register_auto_classes()
 
     if args.quick:
         settings = ToyPipelineSettings.quick(args.output_dir)
