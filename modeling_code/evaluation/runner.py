@@ -42,6 +42,15 @@ def with_inference_settings(model, **settings: Any):
     return model
 
 
+def evaluation_spec(benchmark: str | None = None, class_names: list[str] | None = None, background: bool = False):
+    """The ``BenchmarkSpec`` of a benchmark key, or of a custom class list (``background`` prepends it)."""
+    if benchmark:
+        return get_benchmark(benchmark)
+    if class_names:
+        return custom_benchmark(["background", *class_names] if background else list(class_names), background)
+    raise ValueError("evaluation needs a benchmark key or a class_names list")
+
+
 def evaluate_dataset(
     model,
     processor,
@@ -66,12 +75,7 @@ def evaluate_dataset(
     """
     from ..predict.segmenter import CoDeSegmenter
 
-    if benchmark:
-        spec = get_benchmark(benchmark)
-    elif class_names:
-        spec = custom_benchmark(["background", *class_names] if background else list(class_names), background)
-    else:
-        raise ValueError("evaluation needs a benchmark key or a class_names list")
+    spec = evaluation_spec(benchmark, class_names, background)
     original = model.config
     try:
         segmenter = CoDeSegmenter(with_inference_settings(model, **settings), processor)
