@@ -6,6 +6,7 @@ Tests import them with ``from helpers import ...``: pytest puts ``tests/`` on ``
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -116,6 +117,30 @@ def png_bomb(width: int, height: int) -> bytes:
     data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+# Files that are not usable images, and what names the problem in the message that refuses them.
+BAD_IMAGE_FILES = {
+    "truncated.jpg": "Cannot decode",
+    "empty.png": "Cannot decode",
+    "notes.png": "cannot identify image file",
+    "bomb.png": "more pixels than the limit of 89,478,485",
+}
+
+
+def write_bad_image(folder: Path, name: str) -> Path:
+    """One of ``BAD_IMAGE_FILES`` in ``folder``: a JPEG cut after 300 bytes, a zero-byte file, a text file named
+    .png, or a PNG of 90 million pixels (PIL's limit is 89.5 million)."""
+    if name == "truncated.jpg":
+        buffer = io.BytesIO()
+        upright_test_picture(64, 48).save(buffer, format="JPEG")
+        content = buffer.getvalue()[:300]
+    else:
+        content = {"empty.png": b"", "notes.png": b"these are my notes, not a picture\n",
+                   "bomb.png": png_bomb(10_000, 9_000)}[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content)
+    return folder / name
 
 
 def code_seg_command(*arguments: str, drop_root_override: bool = False) -> list[str]:
