@@ -259,11 +259,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.runner import run_evaluate
 
     _register_auto_classes()
-
+    _quiet_libraries()
     try:
         run_evaluate(args)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        _error("evaluate", str(error))
+    except (OSError, ValueError, KeyError) as error:  # names, folders, model files: each says what is wrong
+        _error("evaluate", str(error).strip("'\""))
         return EXIT_USAGE
     return EXIT_OK
 
