@@ -149,7 +149,7 @@ def code_seg_command(*arguments: str, drop_root_override: bool = False) -> list[
     ``drop_root_override``: run without root's power to write anywhere (``setpriv`` drops CAP_DAC_OVERRIDE), so
     a folder's permission bits count as they do for any user.
     """
-    command = [sys.executable, "-c", "import sys; from modeling_code.apps.cli import main; sys.exit(main())", *arguments]
+    command = [sys.executable, "-c", "import sys, code_seg_cli; sys.exit(code_seg_cli.main())", *arguments]
     if drop_root_override and os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from ..configuration_code import CoDeConfig
 from ..modeling_code import CoDeModel
 from ..processing_code import CoDeProcessor
 
@@ -54,7 +55,8 @@ def resolve_model_source(source: str | os.PathLike) -> str:
             )
         return local
     if _looks_like_a_path(text):
-        raise FileNotFoundError(f"Model folder not found: {text} (resolved to {Path(local).absolute()})")
+        absolute = str(Path(local).absolute())
+        raise FileNotFoundError(f"Model folder not found: {text}" + (f" ({absolute})" if absolute != text else ""))
     return text
 
 
@@ -97,6 +99,11 @@ def load_model_and_processor(
     """
     resolved = resolve_model_source(source)
     target = resolve_device(device)
+    if not os.path.isdir(resolved):  # a Hub id: its config first, whose error says whether the id or the network failed
+        try:
+            CoDeConfig.get_config_dict(resolved)
+        except OSError as error:
+            raise OSError(f"{source} is not a local folder, and as a Hub id it cannot be loaded: {error}") from error
     processor = CoDeProcessor.from_pretrained(resolved)
     try:
         model = CoDeModel.from_pretrained(resolved, dtype=dtype or torch.float32)
