@@ -149,11 +149,11 @@ class CoDeSegmenter:
         Args:
             dtype: weights dtype (e.g. ``torch.bfloat16``); default float32.
             device: where to run: ``"auto"`` (CUDA when present), ``"cpu"`` (the default), ``"cuda"``, ...
+            segmenter_kwargs: the constructor's options (``use_pamr``, ``background_threshold``, ...).
 
         Raises:
             ValueError / OSError: a missing folder, an unavailable device, incomplete or damaged model files
                 (``predict.loading``).
-            segmenter_kwargs: the constructor's options (``use_pamr``, ``background_threshold``, ...).
         """
         model, processor = load_model_and_processor(pretrained_model_name_or_path, dtype=dtype, device=device)
         return cls(model, processor, **segmenter_kwargs)
