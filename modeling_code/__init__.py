@@ -2,6 +2,8 @@
 
 Importing the package registers ``CoDeConfig``/``CoDeModel`` (model type ``code``) with the Auto classes, and
 marks them for remote code so a saved directory also loads with ``trust_remote_code=True`` without the package.
+That needs transformers' configuration machinery (and so torch); the classes themselves and the segmenter stack
+are imported on first access. The ``code-seg`` console script defers even the registration (``code_seg_cli``).
 
 Layout, in layers from low to high (a module imports only from its own layer or lower ones):
 
@@ -18,39 +20,64 @@ The modules' former flat names (``modeling_code.trainer``, ...) still import for
 """
 
 import importlib
+import sys
 from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
-
 from ._moved_modules import install as _install_moved_modules
-from .configuration_code import CoDeConfig
-from .image_processing_code import CoDeImageProcessor
-from .modeling_code import CoDeModel, CoDeModelOutput, CoDePreTrainedModel, CoDeWindowOutput
-from .processing_code import CoDeProcessor
 
 __version__ = "0.1.0"
 
 _install_moved_modules()
 
-AutoConfig.register(CoDeConfig.model_type, CoDeConfig, exist_ok=True)
-AutoModel.register(CoDeConfig, CoDeModel, exist_ok=True)
-CoDeConfig.register_for_auto_class()
-CoDeModel.register_for_auto_class("AutoModel")
-AutoImageProcessor.register(CoDeConfig, slow_image_processor_class=CoDeImageProcessor, exist_ok=True)
-AutoProcessor.register(CoDeConfig, CoDeProcessor, exist_ok=True)
-CoDeImageProcessor.register_for_auto_class("AutoImageProcessor")
-CoDeProcessor.register_for_auto_class("AutoProcessor")
-
-# Imported on first access, so that ``import modeling_code`` does not import the segmenter stack.
+# Imported on first access: the classes (their modules need torch and transformers) and the segmenter stack.
 _LAZY_ATTRIBUTES = {
+    "CoDeConfig": ".configuration_code",
+    "CoDeImageProcessor": ".image_processing_code",
+    "CoDeModel": ".modeling_code",
+    "CoDeModelOutput": ".modeling_code",
+    "CoDePreTrainedModel": ".modeling_code",
+    "CoDeWindowOutput": ".modeling_code",
+    "CoDeProcessor": ".processing_code",
     "CoDeSegmenter": ".predict.segmenter",
     "SegmentationResult": ".predict.segmenter",
 }
+_registered = False
+
+
+def register_auto_classes() -> None:
+    """Register ``CoDeConfig``/``CoDeModel``/``CoDeImageProcessor``/``CoDeProcessor`` with transformers' Auto classes
+    (model type ``code``) and mark them for remote code; idempotent. ``import modeling_code`` calls it."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+
+    from .configuration_code import CoDeConfig
+    from .image_processing_code import CoDeImageProcessor
+    from .modeling_code import CoDeModel
+    from .processing_code import CoDeProcessor
+
+    AutoConfig.register(CoDeConfig.model_type, CoDeConfig, exist_ok=True)
+    AutoModel.register(CoDeConfig, CoDeModel, exist_ok=True)
+    CoDeConfig.register_for_auto_class()
+    CoDeModel.register_for_auto_class("AutoModel")
+    AutoImageProcessor.register(CoDeConfig, slow_image_processor_class=CoDeImageProcessor, exist_ok=True)
+    AutoProcessor.register(CoDeConfig, CoDeProcessor, exist_ok=True)
+    CoDeImageProcessor.register_for_auto_class("AutoImageProcessor")
+    CoDeProcessor.register_for_auto_class("AutoProcessor")
+    _registered = True
+
+
+def _deferred_by_the_launcher() -> bool:
+    """The ``code-seg`` console script (``code_seg_cli``) imports the package while it is parsing its arguments:
+    it registers later, once a command needs a model, so that ``--help`` does not wait for torch."""
+    return bool(getattr(sys.modules.get("code_seg_cli"), "deferring_registration", False))
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_ATTRIBUTES:
         value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
+        register_auto_classes()
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -58,6 +85,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY_ATTRIBUTES})
+
+
+if not _deferred_by_the_launcher():
+    register_auto_classes()
 
 
 __all__ = [
@@ -70,4 +101,5 @@ __all__ = [
     "CoDeSegmenter",
     "CoDeWindowOutput",
     "SegmentationResult",
+    "register_auto_classes",
 ]

@@ -5,6 +5,14 @@ from __future__ import annotations
 from transformers import CLIPConfig, PreTrainedConfig
 
 
+def _class_vocabulary(names: object) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"class_vocabulary must be a list of class names (strings) or None; got {names!r}")
+    return list(names)
+
+
 class CoDeConfig(PreTrainedConfig):
     r"""
     Configuration of a [`CoDeModel`]: the frozen CLIP it is built on (``clip_config``) plus every CoDe
@@ -70,6 +78,11 @@ class CoDeConfig(PreTrainedConfig):
             Whole-image protocol: resize, then sliding windows averaged over overlaps.
         kg_template_set / inference_template_set (`str`):
             Names of prompt template sets (see `modeling_code.templates`) for the kg loss and the KP branch.
+        class_vocabulary (`list[str]`, *optional*):
+            The class names the model was trained or evaluated on, in id order (``"background"`` included when it
+            is a class): the toy world's classes, or the benchmark of the training run's evaluation. Written by the
+            trainer and the toy pipeline; the demo offers them as its first class list. ``None``: unknown (models
+            saved before 0.2), the demo then offers PASCAL VOC's.
     """
 
     model_type = "code"
@@ -127,6 +140,8 @@ class CoDeConfig(PreTrainedConfig):
     window_stride: int = 224
     kg_template_set: str = "imagenet"
     inference_template_set: str = "custom"
+    # what the model has seen (for applications); not read by the model itself
+    class_vocabulary: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         if self.clip_config is None:
@@ -137,6 +152,7 @@ class CoDeConfig(PreTrainedConfig):
                 projection_dim=512,
             )
         self.pamr_dilations = list(self.pamr_dilations)
+        self.class_vocabulary = _class_vocabulary(self.class_vocabulary)
         super().__post_init__(**kwargs)
         text_width = self.clip_config.text_config.hidden_size
         if text_width % self.text_decoder_num_heads:

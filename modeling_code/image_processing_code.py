@@ -3,8 +3,9 @@
 Everything is done with PIL, NumPy and torch (no torchvision):
 
 - ``load_image`` turns PIL images of any mode, NumPy arrays, file paths and encoded bytes into an RGB
-  PIL image. Transparent pixels are composited onto white (how such images are displayed), 16-bit
-  data is scaled to 8 bits, and anything unusable raises ``InvalidImageError``.
+  PIL image. Files and bytes are turned upright by their EXIF orientation, transparent pixels are
+  composited onto white (how such images are displayed), 16-bit data is scaled to 8 bits, and anything
+  unusable raises ``InvalidImageError``.
 - training (spec §2.1): RandomResizedCrop with torchvision's sampling rule, PIL bilinear resize,
   horizontal flip, normalisation with ImageNet statistics.
 - evaluation (spec §3.3): keep-ratio resize so the short side is 448 with the long side capped at
@@ -15,17 +16,19 @@ Everything is done with PIL, NumPy and torch (no torchvision):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
@@ -39,6 +42,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
 # PIL opens 16-bit PNG/TIFF data as one of these modes; "I" (32-bit int) is read as 16-bit data too.
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+EXIF_ORIENTATION_TAG = 0x0112
 # torchvision's RandomResizedCrop tries this many random boxes before falling back to a centre crop.
 CROP_ATTEMPTS = 10
 TORCH_INTERPOLATION = {
@@ -114,15 +118,38 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise InvalidImageError(f"Cannot convert a {image.mode} image to RGB: {err}") from err
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The decoded image as viewers show it: its EXIF orientation (how phones store photos) applied."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):  # unreadable EXIF: keep the stored pixels
+        return image
+    return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+
+
+@contextlib.contextmanager
+def _refusing_bombs(description: str) -> Iterator[None]:
+    """Refuse images above PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``), which PIL would only warn about."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise InvalidImageError(
+            f"Cannot decode {description}: it has more pixels than the limit of {Image.MAX_IMAGE_PIXELS:,} that "
+            f"images are decoded up to (a guard against decompression bombs): {error}"
+        ) from error
+
+
 def _decode(source: io.BytesIO | Path, description: str, max_pixels: int | None) -> Image.Image:
     """Open, fully decode and convert an encoded image; decoding errors become ``InvalidImageError``."""
     try:
-        with Image.open(source) as opened:
+        with _refusing_bombs(description), Image.open(source) as opened:
             if max_pixels is not None and opened.width * opened.height > max_pixels:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: far less memory for huge photos.
                 opened.draft("RGB", _capped_size(opened.width, opened.height, max_pixels))
             opened.load()
-            return _to_rgb(opened)
+            return _to_rgb(_upright(opened))
     except InvalidImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
@@ -151,12 +178,15 @@ def load_image(image: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             uint16, or float in [0, 1]); a file path (``str`` or ``Path``); encoded bytes; or a mapping
             with ``"bytes"`` or ``"path"`` (what ``datasets.Image(decode=False)`` yields).
         max_pixels: images with more pixels are downscaled (aspect kept, bilinear) with a warning;
-            ``None`` disables the cap.
+            ``None`` disables the cap. Encoded images above PIL's limit (``Image.MAX_IMAGE_PIXELS``, about
+            89 million pixels) are refused whatever the cap.
 
     Conversions: transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited
     onto white; 16-bit data (I;16*, and I, which is how PIL opens 16-bit PNGs) is scaled by 255/65535;
     mode F follows the float array rule ([0, 1]); CMYK, palette, 1-bit and the rest use PIL's
-    ``convert("RGB")``. EXIF orientation is not applied: pixels stay as stored, like dataset masks.
+    ``convert("RGB")``. Files and bytes are turned by their EXIF orientation (phone photos), as viewers and
+    browsers show them; PIL images and arrays are taken as they are (their owner decoded them, e.g. a benchmark
+    loader that keeps the stored orientation its label maps share).
 
     Raises:
         InvalidImageError: empty image, unreadable or corrupt data, missing path, wrong array shape or

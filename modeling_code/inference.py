@@ -18,7 +18,7 @@ time, PAMR and the masker decoder as defined); the tests check that both agree t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -71,9 +71,33 @@ class VocabularyEmbeddings:
         return len(self.class_names)
 
 
+# Class names typed as one text are separated by commas or line breaks.
+CLASS_SEPARATORS = re.compile(r"[,\r\n]")
+
+
 def parse_class_list(text: str) -> list[str]:
-    """Split a comma-separated class list (``"cat, sofa, background"``) into names; empty items dropped."""
-    return [name.strip() for name in text.split(",") if name.strip()]
+    """Split a class list typed as one text into names: commas and line breaks both separate (``"cat, sofa"``,
+    ``"cat\\nsofa"``); empty items are dropped."""
+    return [name.strip() for name in CLASS_SEPARATORS.split(text) if name.strip()]
+
+
+def _refuse_non_lists(class_names: object) -> None:
+    """``None`` (classes forgotten) and other non-iterables get a sentence, not Python's "not iterable"."""
+    example = "e.g. ['cat', 'sofa', 'background']"
+    if class_names is None:
+        raise TypeError(f"The classes are missing: pass a list of class names, {example}")
+    if not isinstance(class_names, (str, Iterable)):
+        raise TypeError(f"The classes must be a list of class names, not {type(class_names).__name__}: {example}")
+
+
+def _refuse_line_breaks(class_names: Sequence[str]) -> None:
+    """A name holding a line break is two names run together (a pasted multi-line list): name it."""
+    for position, name in enumerate(class_names):
+        if isinstance(name, str) and ("\n" in name or "\r" in name):
+            raise ValueError(
+                f"Class name {position} ({name!r}) holds a line break; give one name per item (split a "
+                "multi-line text with modeling_code.inference.parse_class_list)"
+            )
 
 
 def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None]:
@@ -85,13 +109,16 @@ def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None
 
     Raises:
         TypeError: ``class_names`` is a single string or holds something other than strings.
-        ValueError: no class names, an empty name, or ``background`` alone.
+        ValueError: no class names, an empty name, a name holding a line break, or ``background`` alone.
     """
+    _refuse_non_lists(class_names)
     if isinstance(class_names, str):
         raise TypeError(
             "class_names must be a list of names, not one string; split a comma-separated list with "
             "modeling_code.inference.parse_class_list"
         )
+    class_names = list(class_names)  # iterated twice below
+    _refuse_line_breaks(class_names)
     names: list[str] = []
     seen: set[str] = set()
     duplicates: list[str] = []

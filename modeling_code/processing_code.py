@@ -9,6 +9,7 @@ transformers' CLIP tokenizers pad with; the non-causal text decoder sees the pad
 from __future__ import annotations
 
 import inspect
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,51 @@ SUB_PROCESSOR_LOADING_KWARGS = (
     "subfolder",
 )
 PER_NOUN_KEYS = ("noun_input_ids", "template_input_ids")
+# What a saved processor needs besides the weights: each entry is satisfied by any one of its file sets.
+PROCESSOR_FILES = {
+    "processor_config.json": (("processor_config.json",), ("preprocessor_config.json",)),
+    "tokenizer.json": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+    "tokenizer_config.json": (("tokenizer_config.json",),),
+}
+
+
+def check_processor_files(folder: Any, subfolder: str = "") -> None:
+    """Refuse a local model folder whose processor files are incomplete, naming the missing ones.
+
+    Without them transformers builds a tokenizer of its special tokens alone, which gives every class the same
+    ids: the model then labels every pixel with the first class, without a word. Hub ids are checked after
+    loading (``check_tokenizer_vocabulary``).
+
+    Raises:
+        OSError: ``folder`` is a directory that lacks one of ``PROCESSOR_FILES``.
+    """
+    if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
+        return
+    directory = os.path.join(folder, subfolder) if subfolder else os.fspath(folder)
+    missing = [
+        name
+        for name, alternatives in PROCESSOR_FILES.items()
+        if not any(all(os.path.isfile(os.path.join(directory, file)) for file in files) for files in alternatives)
+    ]
+    if missing:
+        raise OSError(
+            f"The model folder {directory} lacks processor files: {', '.join(missing)}. A saved CoDe model needs "
+            "its processor next to the weights: save it with processor.save_pretrained(folder) (the tokenizer "
+            "files may also be vocab.json + merges.txt)."
+        )
+
+
+def check_tokenizer_vocabulary(tokenizer: CLIPTokenizer, source: Any) -> None:
+    """Refuse a tokenizer that knows only its special tokens (what transformers builds when its files are missing).
+
+    Raises:
+        OSError: the tokenizer has no vocabulary beyond its special tokens.
+    """
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise OSError(
+            f"The tokenizer loaded from {source} has no vocabulary (only its {len(tokenizer)} special tokens): "
+            "its tokenizer files are missing, so every class would get the same token ids."
+        )
 
 
 def bpe_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -116,12 +162,14 @@ class CoDeProcessor(ProcessorMixin):
         the type check of ``__init__``). No Auto* registration is needed, for local and Hub remote code alike.
         """
         loading_kwargs = {key: kwargs.pop(key) for key in SUB_PROCESSOR_LOADING_KWARGS if key in kwargs}
+        check_processor_files(pretrained_model_name_or_path, loading_kwargs.get("subfolder") or "")
         image_processor = kwargs.pop("image_processor", None) or CoDeImageProcessor.from_pretrained(
             pretrained_model_name_or_path, **loading_kwargs
         )
-        tokenizer = kwargs.pop("tokenizer", None) or CLIPTokenizer.from_pretrained(
-            pretrained_model_name_or_path, **loading_kwargs
-        )
+        tokenizer = kwargs.pop("tokenizer", None)
+        if tokenizer is None:
+            tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **loading_kwargs)
+            check_tokenizer_vocabulary(tokenizer, pretrained_model_name_or_path)
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **loading_kwargs)
         settings = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer"}
         # loader options such as trust_remote_code (from AutoProcessor) are not settings

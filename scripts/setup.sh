@@ -91,3 +91,8 @@ if ! command -v chromium >/dev/null 2>&1; then
     say "chromium not found and apt-get unavailable; the browser test will report it"
   fi
 fi
+# DejaVu Sans draws the overlay legends' accented class names (Pillow's bundled font draws ASCII only).
+if ! fc-list 2>/dev/null | grep -q DejaVuSans.ttf && [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  as_root_apt_install fonts-dejavu-core \
+    || say "could not install fonts-dejavu-core; legends will draw accented letters without their accents"
+fi

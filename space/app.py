@@ -13,7 +13,6 @@ from pathlib import Path
 
 from modeling_code.apps.allocator import retain_freed_memory
 from modeling_code.apps.demo import (
-    TOY_WORLD_MODEL_DIR,
     build_demo,
     load_demo_model,
     preset_values,
@@ -45,8 +44,7 @@ def example_rows() -> list[list]:
 retain_freed_memory()  # every request frees and re-allocates the same large tensors
 model_source = resolve_model_source(os.environ, REPO_ROOT)
 model = load_demo_model(model_source)
-is_toy_world = model_source is not None and Path(model_source).resolve() == (REPO_ROOT / TOY_WORLD_MODEL_DIR).resolve()
-demo = build_demo(model, example_rows(), default_preset="Toy world" if is_toy_world else "PASCAL VOC")
+demo = build_demo(model, example_rows())  # the class preset shown first: the vocabulary saved with the model
 demo.queue(max_size=32, default_concurrency_limit=1)
 
 if __name__ == "__main__":

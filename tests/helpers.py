@@ -6,17 +6,23 @@ Tests import them with ``from helpers import ...``: pytest puts ``tests/`` on ``
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import CLIPConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +75,94 @@ def save_tiny_model(directory, clip_dir, tokenizer):
     image_processor = CoDeImageProcessor(eval_short_side=64, eval_max_long_side=128, train_crop_size=32)
     CoDeProcessor(image_processor, tokenizer).save_pretrained(directory)
     return directory
+
+
+# EXIF orientation -> the transposition that turns the upright picture into the stored pixels (the inverse of
+# what a viewer applies): 3 is upside down, 6 a phone held upright (rotate 90° clockwise to view), 8 the other way.
+EXIF_ORIENTATION_TAG = 0x0112
+STORED_FROM_UPRIGHT = {
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def upright_test_picture(width: int = 48, height: int = 30, seed: int = 0) -> Image.Image:
+    """An RGB picture without any symmetry: random pixels plus a red block in the top-left corner."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 3, : width // 4] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def save_exif_photo(path: Path, upright: Image.Image, orientation: int) -> Path:
+    """Store ``upright`` as a camera does: pixels turned by ``orientation``, the EXIF tag saying how to view them.
+
+    The format follows the suffix (PNG keeps the pixels exact; JPEG is what phones write).
+    """
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    stored = upright.transpose(STORED_FROM_UPRIGHT[orientation]) if orientation in STORED_FROM_UPRIGHT else upright
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored.save(path, exif=exif.tobytes())
+    return path
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A black 1-bit PNG of ``width`` x ``height`` pixels: a few kilobytes that decode to ``width * height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+# Files that are not usable images, and what names the problem in the message that refuses them.
+BAD_IMAGE_FILES = {
+    "truncated.jpg": "Cannot decode",
+    "empty.png": "Cannot decode",
+    "notes.png": "cannot identify image file",
+    "bomb.png": "more pixels than the limit of 89,478,485",
+}
+
+
+def write_bad_image(folder: Path, name: str) -> Path:
+    """One of ``BAD_IMAGE_FILES`` in ``folder``: a JPEG cut after 300 bytes, a zero-byte file, a text file named
+    .png, or a PNG of 90 million pixels (PIL's limit is 89.5 million)."""
+    if name == "truncated.jpg":
+        buffer = io.BytesIO()
+        upright_test_picture(64, 48).save(buffer, format="JPEG")
+        content = buffer.getvalue()[:300]
+    else:
+        content = {"empty.png": b"", "notes.png": b"these are my notes, not a picture\n",
+                   "bomb.png": png_bomb(10_000, 9_000)}[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content)
+    return folder / name
+
+
+def code_seg_command(*arguments: str, drop_root_override: bool = False) -> list[str]:
+    """The ``code-seg`` command line run in a subprocess from this checkout (the console script's entry point).
+
+    ``drop_root_override``: run without root's power to write anywhere (``setpriv`` drops CAP_DAC_OVERRIDE), so
+    a folder's permission bits count as they do for any user.
+    """
+    command = [sys.executable, "-c", "import sys, code_seg_cli; sys.exit(code_seg_cli.main())", *arguments]
+    if drop_root_override and os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise RuntimeError("running as root needs setpriv (util-linux) to test folder permissions")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search",
+                   "--inh-caps=-dac_override,-dac_read_search", *command]
+    return command
+
+
+def code_seg_environment() -> dict[str, str]:
+    """The environment of a ``code-seg`` subprocess: offline, this checkout first on the import path."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def launch_two_processes(script_and_arguments: list[str], attempts: int = 3) -> subprocess.CompletedProcess:

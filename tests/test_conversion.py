@@ -357,7 +357,7 @@ def test_load_accepts_model_entry_bare_dict_and_module_prefix(tmp_path, original
 def test_pickled_objects_are_refused_unless_allowed(tmp_path, original):
     path = save_checkpoint(tmp_path / "pickled.pth", {"model": {"bg_text": original["bg_text"]},
                                                       "config": argparse.Namespace(lr=0.1)})
-    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace.*allow_pickle=True \(--allow-pickle"):
+    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace.*allow_pickle=True \(--allow_pickle"):
         load_original_checkpoint(path)
     with pytest.warns(UserWarning, match="full unpickling"):
         loaded = load_original_checkpoint(path, allow_pickle=True)
@@ -422,7 +422,7 @@ def test_cli_end_to_end(tmp_path, original, tiny_clip_dir):
 def test_cli_refuses_pickles_and_checks_arguments(tmp_path, original, tiny_clip_dir, capsys):
     script = load_converter_script()
     path = save_checkpoint(tmp_path / "pickled.pth", {"model": original, "config": argparse.Namespace(lr=0.1)})
-    with pytest.raises(SystemExit, match=r"error: .*--allow-pickle"):
+    with pytest.raises(SystemExit, match=r"error: .*--allow_pickle"):
         script.main(["--checkpoint", str(path), "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
+from gradio.data_classes import ImageData
+from helpers import BAD_IMAGE_FILES, png_bomb, save_exif_photo, upright_test_picture, write_bad_image
 from PIL import Image
 
 from modeling_code.apps.demo import (
+    CUSTOM_PRESET,
     MAX_CLASSES,
     MODEL_ENV_VAR,
+    MODEL_PRESET,
     TOY_WORLD_MODEL_DIR,
     build_demo,
     class_presets,
     color_map,
     load_demo_model,
+    matching_preset,
     parse_class_request,
     predict,
     prepare_image,
@@ -123,6 +130,16 @@ def test_class_request_repairs_empty_and_repeated_entries():
     assert off.class_names == ["sky"] and "'background' was ignored" in off.notes[0]
 
 
+def test_class_request_splits_lines_like_commas():
+    request = parse_class_request("cat\nsofa\ndog", use_background=False)
+    assert request.class_names == ["cat", "sofa", "dog"] and request.notes == []
+    request = parse_class_request("cat,\n sofa,\n\ndog\n", use_background=True)
+    assert request.class_names == ["background", "cat", "sofa", "dog"] and request.notes == []
+    assert parse_class_request("cat,,\nsofa", use_background=False).notes == [
+        "Empty entries in the class list were ignored."
+    ]
+
+
 def test_class_request_limits():
     names = ", ".join(f"class{i}" for i in range(MAX_CLASSES))
     assert len(parse_class_request(names, use_background=False).class_names) == MAX_CLASSES
@@ -195,3 +212,114 @@ def test_page_without_a_model_shows_the_status_and_builds(tmp_path):
     values = {block.elem_id: getattr(block, "value", None) for block in demo.blocks.values() if block.elem_id}
     assert "No model is loaded" in values["model-status"]
     assert values["class-text"] == ", ".join(TOY_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------ hostile uploads
+def page_component(demo, elem_id: str):
+    return next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == elem_id)
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGE_FILES))
+def test_unreadable_uploads_reach_the_handler_and_get_the_cli_message(segmenter, tmp_path, name):
+    """Gradio's image component decoded uploads before our code ran: a bad file gave a bare "Error" badge."""
+    path, message = write_bad_image(tmp_path, name), BAD_IMAGE_FILES[name]
+    demo = build_demo(load_demo_model_from(segmenter))
+    uploaded = page_component(demo, "input-image").preprocess(ImageData(path=str(path), orig_name=name))
+    assert uploaded == str(path)
+    with pytest.raises(gr.Error, match=f"This image cannot be read: .*{message}"):
+        predict(segmenter, uploaded, "cat", True, 0.4, False)
+
+
+def test_uploaded_phone_photos_are_segmented_upright(segmenter, tmp_path):
+    upright = upright_test_picture(40, 64)
+    photo = save_exif_photo(tmp_path / "portrait.jpg", upright, 6)
+    demo = build_demo(load_demo_model_from(segmenter))
+    uploaded = page_component(demo, "input-image").preprocess(ImageData(path=str(photo), orig_name="portrait.jpg"))
+    prediction = predict(segmenter, uploaded, "cat, sofa", True, 0.4, False, output_dir=tmp_path)
+    assert prediction.annotated[0].size == (40, 64)
+    with Image.open(prediction.label_map_path) as saved:
+        assert saved.size == (40, 64)
+
+
+def load_demo_model_from(segmenter):
+    from modeling_code.apps.demo import DemoModel
+
+    return DemoModel(segmenter, "tiny", "**Model:** `tiny`.")
+
+
+# ------------------------------------------------------------------------------------------------ the server log
+def test_a_user_mistake_is_one_log_line_and_no_traceback(segmenter, caplog):
+    with caplog.at_level(logging.INFO, logger="modeling_code.apps.demo"), pytest.raises(gr.Error) as caught:
+        predict(segmenter, random_image(), " , ", True, 0.4, False)
+    assert caught.value.print_exception is False  # gradio prints the traceback of errors that ask for it
+    (record,) = caplog.records
+    assert "Enter at least one class name" in record.getMessage() and record.exc_info is None
+    assert "\n" not in record.getMessage()
+
+
+def test_a_bad_model_folder_is_one_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="modeling_code.apps.demo"):
+        loaded = load_demo_model(str(tmp_path / "nowhere"))
+    assert loaded.segmenter is None
+    (record,) = caplog.records
+    assert "Model folder not found" in record.getMessage() and record.exc_info is None
+
+
+def test_images_between_the_demo_cap_and_pils_limit_are_downscaled_with_one_log_line(segmenter, tmp_path, caplog):
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bomb(3000, 2000))
+    with caplog.at_level(logging.INFO, logger="modeling_code"):
+        rgb, note = prepare_image(str(path))
+    assert rgb.size == (1254, 836) and "3000x2000" in note
+    assert len(caplog.records) == 1 and "3000x2000" in caplog.records[0].getMessage()
+
+
+# ------------------------------------------------------------------------------------------------ no model
+def test_without_a_model_the_page_says_so_once_and_disables_its_controls():
+    demo = build_demo(load_demo_model(None))
+    status = page_component(demo, "model-status").value
+    assert status.count("No model is loaded") == 1 and "bash scripts/toy_world.sh" in status
+    for elem_id in ("input-image", "class-text", "segment-button", "class-preset"):
+        assert page_component(demo, elem_id).interactive is False, elem_id
+    with pytest.raises(gr.Error) as caught:
+        predict(None, random_image(), "cat", True, 0.4, False)
+    assert str(caught.value).count("No model is loaded") == 1
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary
+def with_vocabulary(segmenter, vocabulary):
+    model = dataclasses.replace(load_demo_model_from(segmenter))
+    config = segmenter.model.config
+    original = config.class_vocabulary
+    config.class_vocabulary = vocabulary
+    try:
+        return build_demo(model)
+    finally:
+        config.class_vocabulary = original
+
+
+@pytest.mark.parametrize(
+    ("vocabulary", "preset", "text"),
+    [
+        (None, "PASCAL VOC", None),
+        (list(TOY_CLASSES), "Toy world", ", ".join(TOY_CLASSES)),
+        (["background", "circle", "café"], MODEL_PRESET, "circle, café"),
+    ],
+)
+def test_the_first_preset_is_the_vocabulary_saved_with_the_model(segmenter, vocabulary, preset, text):
+    demo = with_vocabulary(segmenter, vocabulary)
+    dropdown = page_component(demo, "class-preset")
+    assert dropdown.value == preset and CUSTOM_PRESET in [choice[0] for choice in dropdown.choices]
+    if text is not None:
+        assert page_component(demo, "class-text").value == text
+
+
+def test_the_preset_follows_the_class_text():
+    presets = class_presets()
+    assert matching_preset(", ".join(TOY_CLASSES), presets) == "Toy world"
+    assert matching_preset("\n".join(TOY_CLASSES), presets) == "Toy world"
+    voc = preset_values("PASCAL VOC")[0]
+    assert matching_preset(voc.upper(), presets) == "PASCAL VOC"
+    assert matching_preset("background, " + voc, presets) == "PASCAL VOC"
+    assert matching_preset("circle, triangle, square, grass, sky", presets) == CUSTOM_PRESET
+    assert matching_preset("", presets) == CUSTOM_PRESET

@@ -88,3 +88,33 @@ def test_evaluate_errors_name_the_problem(tiny_model_dir, tmp_path, capsys, argu
     code = main(["evaluate", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path), *arguments])
     assert code == EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_an_unknown_benchmark_is_rejected_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import modeling_code.predict.segmenter as segmenter_module
+
+    monkeypatch.setattr(segmenter_module.CoDeSegmenter, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    code = main(["evaluate", "--model", str(tmp_path), "--benchmark", "voc,nope", "--data_root", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE and "nope" in error and "voc" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [("tokenizer.json", "lacks processor files: tokenizer.json"), ("model.safetensors", "corrupt or truncated")],
+)
+def test_a_damaged_model_folder_is_named_without_a_traceback(tiny_model_dir, tmp_path, capsys, damage, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    if damage == "model.safetensors":
+        (folder / damage).write_bytes(b"")
+    else:
+        (folder / damage).unlink()
+    data = write_voc(tmp_path / "data", num_images=1)
+    code = main(["evaluate", "--model", str(folder), "--benchmark", "voc", "--data_root", str(data),
+                 "--output_dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE and message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

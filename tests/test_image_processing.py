@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import logging
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import png_bomb, save_exif_photo, upright_test_picture
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from modeling_code.image_processing_code import (
     IMAGENET_MEAN,
@@ -165,6 +167,54 @@ def test_directory_and_corrupt_file_paths_raise(tmp_path):
     with pytest.raises(InvalidImageError, match=r"corrupt\.jpg"):
         load_image(corrupt)
     assert issubclass(InvalidImageError, ValueError)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_of_files_and_bytes_is_applied(tmp_path, orientation):
+    upright = upright_test_picture()
+    png = save_exif_photo(tmp_path / f"photo_{orientation}.png", upright, orientation)
+    assert Image.open(png).size != upright.size or orientation == 3  # stored turned
+    for source in (png, str(png), png.read_bytes(), {"bytes": png.read_bytes()}, {"path": str(png)}):
+        loaded = load_image(source)
+        assert loaded.size == upright.size
+        np.testing.assert_array_equal(np.asarray(loaded), np.asarray(upright))
+    jpeg = save_exif_photo(tmp_path / f"photo_{orientation}.jpg", upright, orientation)
+    with Image.open(jpeg) as opened:
+        expected = ImageOps.exif_transpose(opened).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(load_image(jpeg)), np.asarray(expected))
+    assert load_image(jpeg).size == upright.size
+
+
+@pytest.mark.parametrize("scale", [1.01, 2.5])
+def test_images_above_pils_pixel_limit_are_refused_without_a_raw_warning(scale, recwarn):
+    side = int((Image.MAX_IMAGE_PIXELS * scale) ** 0.5) + 1
+    bomb = png_bomb(side, side)
+    assert len(bomb) < 200_000
+    with pytest.raises(InvalidImageError, match=r"more pixels than the limit of 89,478,485 .*decompression bomb"):
+        load_image(bomb)
+    assert not [warning for warning in recwarn if issubclass(warning.category, Image.DecompressionBombWarning)]
+
+
+def test_images_between_the_cap_and_pils_limit_are_downscaled_with_one_log_line(caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = load_image(png_bomb(5000, 4000), max_pixels=1_000_000)
+    assert loaded.size == (1118, 894)
+    (record,) = caplog.records
+    assert "5000x4000" in record.getMessage() and "1118x894" in record.getMessage()
+
+
+def test_decoded_pil_images_keep_their_pixels(tmp_path):
+    """A PIL image is already decoded by its owner (Gradio, datasets, benchmark loaders): left as it is."""
+    with Image.open(save_exif_photo(tmp_path / "photo.png", upright_test_picture(), 6)) as stored:
+        stored.load()
+        assert load_image(stored).size == stored.size
+
+
+def test_training_crops_of_a_phone_photo_are_upright(processor, tmp_path):
+    upright = upright_test_picture(64, 40)
+    photo = save_exif_photo(tmp_path / "photo.png", upright, 6)
+    expected = processor.preprocess_train(upright, np.random.default_rng(3))
+    torch.testing.assert_close(processor.preprocess_train(photo.read_bytes(), np.random.default_rng(3)), expected)
 
 
 def test_images_above_max_pixels_are_downscaled_with_a_warning(caplog):

@@ -283,6 +283,18 @@ def test_class_list_parsing_and_cleaning(caplog):
     assert "Duplicate class names" in caplog.text and "'Cat'" in caplog.text
 
 
+def test_class_lists_split_at_commas_and_line_breaks():
+    assert parse_class_list("cat\nsofa\ndog") == ["cat", "sofa", "dog"]
+    assert parse_class_list("cat,\r\nsofa\n\n big dog ,\rtree") == ["cat", "sofa", "big dog", "tree"]
+
+
+def test_a_class_name_holding_a_line_break_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"Class name 1 \('cat\\nsofa'\) holds a line break"):
+        clean_class_names(["dog", "cat\nsofa"])
+    with pytest.raises(ValueError, match="line break"):
+        clean_class_names(["cat\r"])
+
+
 @pytest.mark.parametrize(
     ("class_names", "error", "message"),
     [

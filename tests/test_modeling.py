@@ -81,6 +81,15 @@ def test_config_round_trip_and_validation(tmp_path, tiny_clip_config):
         CoDeConfig(clip_config=tiny_clip_config, text_decoder_num_heads=5)
 
 
+def test_config_keeps_the_class_vocabulary_of_the_model(tmp_path, tiny_clip_config):
+    assert CoDeConfig().class_vocabulary is None  # models saved before it: unknown (the demo falls back to VOC)
+    config = CoDeConfig(clip_config=tiny_clip_config, class_vocabulary=("circle", "café"), **TINY_CODE_OVERRIDES)
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).class_vocabulary == ["circle", "café"]
+    with pytest.raises(TypeError, match="class_vocabulary must be a list of class names"):
+        CoDeConfig(clip_config=tiny_clip_config, class_vocabulary="circle, café", **TINY_CODE_OVERRIDES)
+
+
 # ------------------------------------------------------------------------------------------------ init
 def test_single_frozen_clip_and_initialisation_from_clip(tiny_code_model, tiny_tokenizer):
     model = tiny_code_model

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -329,3 +330,36 @@ def test_invalid_arguments_are_rejected(tiny_tokenizer):
     with pytest.raises(TypeError, match="CoDeImageProcessor"):
         CoDeProcessor(object(), tiny_tokenizer)
     assert isinstance(CoDeProcessor(tokenizer=tiny_tokenizer).image_processor, CoDeImageProcessor)
+
+
+@pytest.mark.parametrize(
+    ("removed", "named"),
+    [
+        (["tokenizer.json"], "tokenizer.json"),
+        (["tokenizer_config.json"], "tokenizer_config.json"),
+        (["tokenizer.json", "tokenizer_config.json"], "tokenizer.json, tokenizer_config.json"),
+        (["processor_config.json"], "processor_config.json"),
+    ],
+)
+def test_a_folder_with_incomplete_processor_files_is_refused_naming_them(tiny_model_dir, tmp_path, removed, named):
+    from modeling_code import CoDeModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    for name in removed:
+        (folder / name).unlink()
+    with pytest.raises(OSError, match=f"lacks processor files: {named}") as caught:
+        CoDeProcessor.from_pretrained(folder)
+    assert str(folder) in str(caught.value)
+    CoDeModel.from_pretrained(folder)  # the weights alone still load (training resumes, conversions)
+
+
+def test_a_tokenizer_without_a_vocabulary_is_refused(tiny_model_dir, monkeypatch):
+    """A Hub repository lacking the tokenizer files gives transformers' placeholder tokenizer: refused too."""
+    from tokenizers import Tokenizer, models
+
+    empty = CLIPTokenizer(tokenizer_object=Tokenizer(models.BPE()), unk_token="<|endoftext|>",
+                          bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", classmethod(lambda cls, *args, **kwargs: empty))
+    with pytest.raises(OSError, match=r"tokenizer loaded from .* has no vocabulary"):
+        CoDeProcessor.from_pretrained(tiny_model_dir)

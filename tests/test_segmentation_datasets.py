@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from helpers import save_exif_photo, upright_test_picture
 from PIL import Image
 
 from modeling_code.evaluation.segmentation_datasets import HFDatasetSource, MMSegFolderSource, build_source
@@ -107,6 +108,19 @@ def test_folder_source_reads_mmseg_layout(tmp_path, key):
         assert image.mode == "RGB" and image.size == SIZE
         np.testing.assert_array_equal(label, labels[name])  # palette PNGs give their indices
     assert "mmseg folder" in source.describe()
+
+
+def test_benchmark_images_keep_their_stored_orientation(tmp_path):
+    """Label PNGs are stored as the images' pixels are: an EXIF orientation tag must not turn the image alone."""
+    write_layout(tmp_path, "voc")
+    name = SAMPLE_NAMES["voc"][0]
+    image_pattern, label_pattern, _ = MMSEG_PATHS["voc"]
+    save(tmp_path / label_pattern.format(name=name), Image.fromarray(np.zeros((16, 24), dtype=np.uint8)))
+    # stored 24 wide and 16 high like its label; the tag asks viewers to show it 16 wide and 24 high
+    save_exif_photo(tmp_path / image_pattern.format(name=name), upright_test_picture(16, 24), 6)
+    assert Image.open(tmp_path / image_pattern.format(name=name)).size == (24, 16)
+    image, label, _ = next(sample for sample in MMSegFolderSource(tmp_path, "voc") if sample.name == name)
+    assert image.size == (24, 16) and label.shape == (16, 24)
 
 
 def test_folder_source_accepts_the_benchmark_data_root_itself(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import save_exif_photo, upright_test_picture
 from PIL import Image
 
 from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
@@ -176,6 +177,9 @@ def test_an_unreadable_file_is_named(segmenter, tmp_path):
         ([], ValueError, "No class names"),
         ("cat", TypeError, "not one string"),
         (["background"], ValueError, "alone"),
+        (None, TypeError, r"classes are missing: pass a list of class names, e\.g\. \['cat'"),
+        (3, TypeError, "a list of class names, not int"),
+        (["cat", "sofa\ndog"], ValueError, "holds a line break"),
     ],
 )
 def test_bad_class_lists_are_named(segmenter, classes, error, message):
@@ -216,3 +220,16 @@ def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_phone_photos_are_segmented_upright(segmenter, tmp_path, orientation):
+    """The label map of a file with an EXIF orientation lines up with the picture as viewers show it."""
+    upright = upright_test_picture(72, 40, seed=orientation)
+    photo = save_exif_photo(tmp_path / "photo.png", upright, orientation)
+    expected = segmenter(upright, ["cat", "sofa", "background"], use_pamr=False)
+    for source in (photo, photo.read_bytes()):
+        result = segmenter(source, ["cat", "sofa", "background"], use_pamr=False)
+        assert result.label_map.shape == (40, 72) and result.image.size == upright.size
+        np.testing.assert_array_equal(np.asarray(result.image), np.asarray(upright))
+        np.testing.assert_array_equal(result.label_map, expected.label_map)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from helpers import EXAMPLE_IMAGE, SPACE_DIR, serve_app
+from helpers import BAD_IMAGE_FILES, EXAMPLE_IMAGE, SPACE_DIR, serve_app, write_bad_image
 from huggingface_hub import SpaceCard
 from PIL import Image
 
@@ -20,8 +20,13 @@ from modeling_code.apps.demo import color_map
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_model_dir, tmp_path_factory):
-    with serve_app(tiny_model_dir, tmp_path_factory.mktemp("space_log") / "app.log") as url:
+def app_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("space_log") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, app_log):
+    with serve_app(tiny_model_dir, app_log) as url:
         yield url
 
 
@@ -60,6 +65,30 @@ def test_endpoint_errors_are_messages_not_tracebacks(client):
     with pytest.raises(AppError, match="Too many classes: 201"):
         names = ", ".join(f"class{i}" for i in range(200))
         client.predict(handle_file(str(EXAMPLE_IMAGE)), names, True, 0.4, False, api_name="/segment")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BAD_IMAGE_FILES))
+def test_unreadable_uploads_get_the_command_lines_message(client, tmp_path, name):
+    """Gradio decoded uploads itself and answered "upstream Gradio app has raised an exception"."""
+    path = write_bad_image(tmp_path, name)
+    with pytest.raises(AppError, match=f"This image cannot be read: .*{BAD_IMAGE_FILES[name]}") as caught:
+        client.predict(handle_file(str(path)), "cat", True, 0.4, False, api_name="/segment")
+    assert "Traceback" not in str(caught.value) and "upstream" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_user_mistakes_leave_one_line_each_in_the_server_log(client, app_log, tmp_path):
+    before = app_log.read_text()
+    for classes in (" , ", "\n\n"):
+        with pytest.raises(AppError, match="Enter at least one class name"):
+            client.predict(handle_file(str(EXAMPLE_IMAGE)), classes, True, 0.4, False, api_name="/segment")
+    with pytest.raises(AppError, match="cannot be read"):
+        client.predict(handle_file(str(write_bad_image(tmp_path, "notes.png"))), "cat", True, 0.4, False,
+                       api_name="/segment")
+    added = app_log.read_text()[len(before):]
+    assert "Traceback" not in added and "raise" not in added, added
+    assert added.count("request refused: ") == 3, added
 
 
 @pytest.mark.slow

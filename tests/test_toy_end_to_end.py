@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from modeling_code.apps.demo import load_demo_model, predict, resolve_model_source
+from modeling_code.toy.world import TOY_CLASSES
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,8 @@ def test_miniature_pipeline_runs_every_stage(quick_toy_run, tmp_path_factory):
     assert code_config["loss_hcl_weight"] == 0.5
     # the toy recipe leaves same-noun rows out of the contrastive negatives of both models
     assert code_config["exclude_same_noun_negatives"] and tcl_config["exclude_same_noun_negatives"]
+    # the classes of its world, for the demo's preset wherever the model is loaded from
+    assert code_config["class_vocabulary"] == tcl_config["class_vocabulary"] == list(TOY_CLASSES)
 
     assert list(summary["miou"]) == ["MaskCLIP baseline (KP branch only)", "TCL-only ablation", "CoDe (full)"]
     assert all(0.0 <= value <= 100.0 for value in summary["miou"].values())

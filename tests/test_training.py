@@ -257,6 +257,8 @@ def test_periodic_evaluation_keeps_the_best_model(tmp_path, tiny_clip_dir):
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
     final = json.loads((tmp_path / "run" / "training_summary.json").read_text())
     assert final["best"] == best
+    for folder in (tmp_path / "run", tmp_path / "run" / "best"):  # the classes it was evaluated on, for the demo
+        assert json.loads((folder / "config.json").read_text())["class_vocabulary"] == ["cat", "dog", "sky"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Convert the authors' released CoDe checkpoint into a code-seg model directory (spec §4).
 
     python training/convert_original_checkpoint.py --checkpoint checkpoint.pth \
-        --clip openai/clip-vit-base-patch16 --out code-vit-b16 [--push_to_hub --hub_model_id USER/NAME]
+        --clip openai/clip-vit-base-patch16 --output_dir code-vit-b16 [--push_to_hub --hub_model_id USER/NAME]
 
 The CLIP architecture and tokenizer come from ``--clip``; every weight, the frozen CLIP's included, comes from
 the checkpoint. The output directory (safetensors weights, config, processor) loads with
@@ -18,15 +18,18 @@ from collections.abc import Sequence
 from transformers import CLIPConfig, CLIPTokenizer
 
 from modeling_code.apps.conversion import load_original_checkpoint, model_from_original
+from modeling_code.apps.flags import ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="the original checkpoint (.pth)")
     parser.add_argument("--clip", default="openai/clip-vit-base-patch16",
                         help="transformers CLIP (Hub id or directory) giving the architecture and tokenizer")
-    parser.add_argument("--out", required=True, help="directory to write the converted model and processor to")
-    parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
+    parser.add_argument("--output_dir", dest="out", required=True,
+                        help="directory to write the converted model and processor to")
+    parser.add_alias("--out", "--output_dir")
+    parser.add_argument("--allow_pickle", action="store_true",
                         help="load a checkpoint that pickles non-tensor objects with full unpickling "
                              "(runs code from the file: trusted files only)")
     parser.add_argument("--text_decoder_num_heads", type=int, default=8,

@@ -13,9 +13,11 @@ import argparse
 import json
 from dataclasses import asdict
 
+from modeling_code.apps.flags import ArgumentParser
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a trained CoDe model directory")
     parser.add_argument("--world", required=True, help="the toy world the model was trained on (a saved DatasetDict)")
     parser.add_argument("--split", default="train")

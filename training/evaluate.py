@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 
 from modeling_code.apps.allocator import retain_freed_memory
-from modeling_code.evaluation.runner import add_evaluate_arguments, run_evaluate
+from modeling_code.apps.flags import ArgumentParser
+from modeling_code.evaluation.arguments import add_evaluate_arguments
+from modeling_code.evaluation.runner import run_evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
     retain_freed_memory()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_evaluate(add_evaluate_arguments(parser).parse_args(argv))
 
 

@@ -1,9 +1,9 @@
 """Pretrain the toy world's small CLIP: the frozen CLIP that CoDe is then trained on.
 
-    python training/pretrain_clip.py --out outputs/toy_clip                     # generates the world
-    python training/pretrain_clip.py --world outputs/toy_world --out outputs/toy_clip
+    python training/pretrain_clip.py --output_dir outputs/toy_clip                     # generates the world
+    python training/pretrain_clip.py --world outputs/toy_world --output_dir outputs/toy_clip
 
-The directory written by ``--out`` holds the ``CLIPModel`` (safetensors) and its tokenizer, built
+The directory written by ``--output_dir`` holds the ``CLIPModel`` (safetensors) and its tokenizer, built
 from the toy world's vocabulary, loadable with ``CLIPModel.from_pretrained`` /
 ``CLIPTokenizer.from_pretrained``. The defaults take a few minutes on a 2-core CPU.
 """
@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets
 import torch
 
+from modeling_code.apps.flags import ArgumentParser
 from modeling_code.toy.clip_pretraining import pretrain_clip, small_clip_config
 from modeling_code.toy.end_to_end import ToyPipelineSettings
 from modeling_code.toy.word_tokenizer import build_clip_tokenizer
@@ -35,8 +36,9 @@ from modeling_code.toy.world import (
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="directory for the CLIPModel and tokenizer")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", dest="out", required=True, help="directory for the CLIPModel and tokenizer")
+    parser.add_alias("--out", "--output_dir")
     parser.add_argument("--world", help="a toy world saved with save_toy_world; generated when omitted")
     parser.add_argument("--save_world", help="also save the generated world here (load_from_disk format)")
     parser.add_argument("--num_train", type=int, default=ToyWorldConfig.num_train, help="generated world only")

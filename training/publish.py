@@ -1,8 +1,8 @@
 """Publish a saved CoDe model to the Hub, with its remote code, processor and rendered model card.
 
     python training/publish.py MODEL_DIR USER/NAME [--results results.json] [--private] [--revision BRANCH]
-    python training/publish.py MODEL_DIR USER/NAME --dry-run staged/   # writes exactly what would be uploaded
-    python training/publish.py --example-card model_card.md           # regenerates the repository's example card
+    python training/publish.py MODEL_DIR USER/NAME --dry_run staged/   # writes exactly what would be uploaded
+    python training/publish.py --example_card model_card.md           # regenerates the repository's example card
 
 ``training/train.py --push_to_hub`` calls the same ``modeling_code.apps.publishing.publish``.
 """
@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from modeling_code.apps.flags import ArgumentParser
 from modeling_code.apps.model_card import DEFAULT_LICENSE, example_model_card
 from modeling_code.apps.publishing import publish
 
@@ -20,16 +21,16 @@ PAPER_CONFIG = Path(__file__).resolve().parent / "configs" / "paper_cc3m_cc12m.y
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", nargs="?", type=Path, help="saved model + processor folder")
     parser.add_argument("repo_id", nargs="?", help="Hub model repository, USER/NAME")
     parser.add_argument("--results", type=Path, help="evaluation results.json for the card and its model-index")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
-    parser.add_argument("--dry-run", type=Path, metavar="DIR", help="stage the upload in DIR instead of uploading")
+    parser.add_argument("--dry_run", type=Path, metavar="DIR", help="stage the upload in DIR instead of uploading")
     parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"licence of the weights (default {DEFAULT_LICENSE})")
     parser.add_argument("--token", help="Hub token (default: the logged-in one)")
-    parser.add_argument("--example-card", type=Path, metavar="PATH",
+    parser.add_argument("--example_card", type=Path, metavar="PATH",
                         help="only write the example card of the paper's recipe to PATH (model_card.md)")
     return parser
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.example_card}")
         return 0
     if args.model_dir is None or args.repo_id is None:
-        parser.error("MODEL_DIR and REPO_ID are required (unless --example-card)")
+        parser.error("MODEL_DIR and REPO_ID are required (unless --example_card)")
     try:
         result = publish(
             args.model_dir,

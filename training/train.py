@@ -10,12 +10,13 @@ import logging
 from pathlib import Path
 
 from modeling_code.apps.allocator import retain_freed_memory
+from modeling_code.apps.flags import ArgumentParser
 from modeling_code.training.config import load_training_config
 from modeling_code.training.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML training config (defaults: the paper's hyper-parameters)")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted.key=value")
     parser.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-STEP directory")

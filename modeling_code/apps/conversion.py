@@ -566,7 +566,7 @@ def load_original_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
             raise UnsafeCheckpointError(
                 f"{path} pickles Python objects other than tensors{objects}, so the safe weights-only load refused "
                 "it: unpickling them could run code from the file. If you trust the file, pass allow_pickle=True "
-                "(--allow-pickle on the command line); the objects' modules must then be importable."
+                "(--allow_pickle on the command line); the objects' modules must then be importable."
             ) from error
         warnings.warn(
             f"Loading {path} with full unpickling{objects}: only do this for files from a trusted source.",

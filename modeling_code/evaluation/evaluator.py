@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..predict.visualization import draw_legend, overlay, palette
+from ..predict.visualization import draw_legend, drawable_text, legend_font, overlay, palette
 from .metrics import ConfusionMatrix
 from .segmentation_datasets import SegmentationSource
 from .specs import BenchmarkSpec, map_labels
@@ -177,7 +177,7 @@ def write_results_json(
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     content = {"settings": settings, "benchmarks": {result.spec.key: result.to_dict() for result in results}}
-    path.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(content, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -256,7 +256,7 @@ def save_overlay_grid(
         for row in rows
     ]
     column_width = max(cell.width for row_cells in cells for cell in row_cells)
-    font = ImageFont.load_default()
+    font = legend_font()
     header, spacing = 18, 4
     grid = Image.new(
         "RGB", (3 * column_width + 2 * spacing, header + len(rows) * (cell_height + spacing)), (255, 255, 255)
@@ -269,7 +269,8 @@ def save_overlay_grid(
         for column, cell in enumerate(row_cells):
             grid.paste(cell, (column * (column_width + spacing), top))
         draw.text(
-            (4, top + 2), row.name, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0)
+            (4, top + 2), drawable_text(row.name, font), fill=(255, 255, 255), font=font, stroke_width=1,
+            stroke_fill=(0, 0, 0),
         )
     present = sorted(
         {int(value) for row in rows for values in (row.label, row.prediction) for value in np.unique(values)}
@@ -293,10 +294,10 @@ def write_outputs(
     out_dir = Path(out_dir)
     written = {"results": write_results_json(results, out_dir, settings)}
     written["markdown"] = out_dir / MARKDOWN_FILE
-    written["markdown"].write_text(markdown_table(results))
+    written["markdown"].write_text(markdown_table(results), encoding="utf-8")
     written["model_index"] = out_dir / MODEL_INDEX_FILE
     written["model_index"].write_text(
-        yaml.safe_dump({"model-index": model_index_entries(results, model_name)}, sort_keys=False)
+        yaml.safe_dump({"model-index": model_index_entries(results, model_name)}, sort_keys=False), encoding="utf-8"
     )
     for result in results:
         if result.overlays:

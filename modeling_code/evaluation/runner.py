@@ -12,6 +12,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from ..inference import parse_class_list
+from .arguments import add_evaluate_arguments  # noqa: F401  (its home before 0.2; training/evaluate.py)
 from .evaluator import BenchmarkResult, evaluate_benchmark, write_outputs
 from .segmentation_datasets import build_source
 from .specs import custom_benchmark, expand_benchmarks, get_benchmark
@@ -40,6 +42,15 @@ def with_inference_settings(model, **settings: Any):
     return model
 
 
+def evaluation_spec(benchmark: str | None = None, class_names: list[str] | None = None, background: bool = False):
+    """The ``BenchmarkSpec`` of a benchmark key, or of a custom class list (``background`` prepends it)."""
+    if benchmark:
+        return get_benchmark(benchmark)
+    if class_names:
+        return custom_benchmark(["background", *class_names] if background else list(class_names), background)
+    raise ValueError("evaluation needs a benchmark key or a class_names list")
+
+
 def evaluate_dataset(
     model,
     processor,
@@ -64,12 +75,7 @@ def evaluate_dataset(
     """
     from ..predict.segmenter import CoDeSegmenter
 
-    if benchmark:
-        spec = get_benchmark(benchmark)
-    elif class_names:
-        spec = custom_benchmark(["background", *class_names] if background else list(class_names), background)
-    else:
-        raise ValueError("evaluation needs a benchmark key or a class_names list")
+    spec = evaluation_spec(benchmark, class_names, background)
     original = model.config
     try:
         segmenter = CoDeSegmenter(with_inference_settings(model, **settings), processor)
@@ -96,37 +102,17 @@ def _source(spec, dataset: dict[str, Any], limit: int | None):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, help="saved code-seg model: a local directory or a Hub id")
-    parser.add_argument("--benchmark", default="all",
-                        help="voc|context|coco_object|coco_stuff|cityscapes|ade20k|voc20|context59|all, or a "
-                             "comma-separated list")
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data_root", help="mmsegmentation data folder (VOCdevkit, ADEChallengeData2016, ...)")
-    data.add_argument("--dataset", help="a datasets Hub id or local dataset directory with image/label columns")
-    parser.add_argument("--split", default="validation", help="split of --dataset")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--labels_are_mapped", action="store_true",
-                        help="--dataset labels are already class indices (skip the benchmark's raw-id mapping)")
-    parser.add_argument("--class_names", help="comma-separated classes for a custom --dataset (no --benchmark)")
-    parser.add_argument("--background", action="store_true", help="with --class_names: label 0 is background")
-    parser.add_argument("--output_dir", default="outputs/evaluation")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
-    parser.add_argument("--num_visualize", type=int, default=8, help="images in the overlay grid")
-    parser.add_argument("--no_pamr", dest="use_pamr", action="store_false", default=None)
-    parser.add_argument("--pamr_iterations", type=int)
-    parser.add_argument("--kp_weight", type=float)
-    parser.add_argument("--bg_thresh", dest="background_threshold", type=float)
-    parser.add_argument("--window_size", type=int)
-    parser.add_argument("--window_stride", type=int)
-    parser.add_argument("--short_side", dest="inference_short_side", type=int)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    return parser
-
-
 def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     """Evaluate every requested benchmark (each process its shard) and write the outputs on the main process."""
+    # Names and folders first: a typo is reported before the model is loaded.
+    if args.class_names:
+        names = parse_class_list(args.class_names)
+        specs = [custom_benchmark(["background", *names] if args.background else names, args.background)]
+    else:
+        specs = expand_benchmarks(args.benchmark)
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise FileNotFoundError(f"--data_root {args.data_root} is not a folder")
+
     import torch
     from accelerate import Accelerator
 
@@ -136,11 +122,6 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     settings = {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}
     segmenter = CoDeSegmenter.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=accelerator.device)
     segmenter = CoDeSegmenter(with_inference_settings(segmenter.model, **settings), segmenter.processor)
-    if args.class_names:
-        names = [name.strip() for name in args.class_names.split(",") if name.strip()]
-        specs = [custom_benchmark(["background", *names] if args.background else names, args.background)]
-    else:
-        specs = expand_benchmarks(args.benchmark)
     results = []
     for spec in specs:
         with accelerator.main_process_first():

@@ -81,6 +81,8 @@ def _read_label(path: Path) -> np.ndarray:
 
 
 def _read_rgb(path: Path) -> Image.Image:
+    # The stored orientation, EXIF tag or not: benchmark label PNGs are stored as the image pixels are, so
+    # turning the image upright (as load_image does for user photos) would misalign it with its labels.
     with Image.open(path) as image:
         return image.convert("RGB")
 

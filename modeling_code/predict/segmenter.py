@@ -34,6 +34,7 @@ from ..inference import (
 )
 from ..modeling_code import CoDeModel
 from ..processing_code import CoDeProcessor
+from .loading import load_model_and_processor
 from .visualization import draw_legend, overlay, palette
 
 logger = logging.get_logger(__name__)
@@ -147,13 +148,14 @@ class CoDeSegmenter:
 
         Args:
             dtype: weights dtype (e.g. ``torch.bfloat16``); default float32.
-            device: where to run (default CPU).
+            device: where to run: ``"auto"`` (CUDA when present), ``"cpu"`` (the default), ``"cuda"``, ...
             segmenter_kwargs: the constructor's options (``use_pamr``, ``background_threshold``, ...).
+
+        Raises:
+            ValueError / OSError: a missing folder, an unavailable device, incomplete or damaged model files
+                (``predict.loading``).
         """
-        model = CoDeModel.from_pretrained(pretrained_model_name_or_path, dtype=dtype or torch.float32)
-        if device is not None:
-            model = model.to(device)
-        processor = CoDeProcessor.from_pretrained(pretrained_model_name_or_path)
+        model, processor = load_model_and_processor(pretrained_model_name_or_path, dtype=dtype, device=device)
         return cls(model, processor, **segmenter_kwargs)
 
     # ---------------------------------------------------------------------------------------- vocabulary

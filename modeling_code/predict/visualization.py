@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -77,13 +78,80 @@ def overlay(image: Image.Image, label_map: np.ndarray, colors: np.ndarray, alpha
     return Image.blend(image.convert("RGB"), painted, alpha)
 
 
+LEGEND_FONT_SIZE = 12
+# Fonts tried in turn for legend text (found by file name in the system's font folders): DejaVu Sans (Debian's
+# fonts-dejavu-core, which scripts/setup.sh installs) and Liberation Sans draw Latin with accents, Greek and
+# Cyrillic. Pillow's bundled font, the last resort, draws ASCII only.
+LEGEND_FONT_FILES = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "Arial.ttf", "arial.ttf")
+# Shown, once per run, for characters the font cannot draw (instead of its empty "missing glyph" box).
+MISSING_GLYPH = "?"
+# A noncharacter: no font has a glyph for it, so it renders as the font's missing-glyph box.
+_NONCHARACTER = "\uffff"
+
+
+@functools.cache
+def legend_font(size: int = LEGEND_FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The first of ``LEGEND_FONT_FILES`` installed, else Pillow's bundled font, at ``size`` pixels."""
+    for name in LEGEND_FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+@functools.cache
+def _glyph(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, char: str) -> tuple[tuple[int, int], bytes]:
+    mask = font.getmask(char)
+    return mask.size, bytes(mask)
+
+
+def _drawable(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, char: str) -> bool:
+    """Whether ``font`` has a glyph for ``char`` (one that is not its missing-glyph box)."""
+    return char.isspace() or _glyph(font, char) != _glyph(font, _NONCHARACTER)
+
+
+def drawable_text(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None) -> str:
+    """``text`` with what ``font`` (default ``legend_font()``) cannot draw replaced, so no empty box is drawn.
+
+    An accented letter whose accent the font lacks becomes its base letter (é -> e); any other run of
+    characters the font lacks (CJK, emoji) becomes one ``MISSING_GLYPH``; combining marks it lacks are dropped.
+    """
+    font = legend_font() if font is None else font
+    pieces: list[str] = []
+    missing_run = False
+    for char in text:
+        if _drawable(font, char):
+            pieces.append(char)
+            missing_run = False
+            continue
+        if unicodedata.combining(char):
+            continue
+        base = "".join(part for part in unicodedata.normalize("NFKD", char) if not unicodedata.combining(part))
+        if base and base != char and all(_drawable(font, part) for part in base):
+            pieces.append(base)
+            missing_run = False
+        elif not missing_run:
+            pieces.append(MISSING_GLYPH)
+            missing_run = True
+    return "".join(pieces)
+
+
+def legend_label(index: int, name: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None) -> str:
+    """A legend entry's text: the class id (the label maps' pixel value) and the name as ``font`` can draw it."""
+    return f"{index}: {drawable_text(name, font)}"
+
+
 def draw_legend(
     image: Image.Image,
     class_names: Sequence[str],
     colors: np.ndarray,
     class_indices: Sequence[int] | None = None,
 ) -> Image.Image:
-    """``image`` with a legend bar below it: a colour swatch and the name of each class.
+    """``image`` with a legend bar below it: a colour swatch, the class id and the name of each class.
+
+    Names are drawn with ``legend_font()``; characters it lacks stand in as ``drawable_text`` says, so each
+    entry is still known by its swatch and id.
 
     Args:
         image: typically an ``overlay`` result.
@@ -92,15 +160,16 @@ def draw_legend(
         class_indices: the classes to list (e.g. those present in a prediction); all when None.
     """
     indices = range(len(class_names)) if class_indices is None else class_indices
-    font = ImageFont.load_default()
+    font = legend_font()
+    labels = {index: legend_label(index, class_names[index], font) for index in indices}
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     swatch, gap, padding = 12, 8, 6
-    line_height = max([swatch, *(measure.textbbox((0, 0), name, font=font)[3] for name in class_names)]) + 4
+    line_height = max([swatch, *(measure.textbbox((0, 0), label, font=font)[3] for label in labels.values())]) + 4
     width = max(image.width, 160)
     # Flow the entries left to right, wrapping at the image width.
     placements, x, y = [], padding, padding
     for index in indices:
-        entry_width = swatch + 4 + int(measure.textlength(class_names[index], font=font))
+        entry_width = swatch + 4 + int(measure.textlength(labels[index], font=font))
         if x > padding and x + entry_width > width - padding:
             x, y = padding, y + line_height
         placements.append((index, x, y))
@@ -113,5 +182,5 @@ def draw_legend(
         top = image.height + y
         color = tuple(int(channel) for channel in colors[index])
         draw.rectangle((x, top, x + swatch - 1, top + swatch - 1), fill=color, outline=(0, 0, 0))
-        draw.text((x + swatch + 4, top), class_names[index], fill=(0, 0, 0), font=font)
+        draw.text((x + swatch + 4, top), labels[index], fill=(0, 0, 0), font=font)
     return canvas

@@ -58,10 +58,12 @@ def _stage(number: int, title: str) -> float:
 def _training_config(settings: ToyPipelineSettings, clip_dir: Path, world_dir: Path, output_dir: Path,
                      extra_overrides: dict[str, Any]):
     from ..training.config import load_training_config
+    from .world import TOY_CLASSES
 
     values = yaml.safe_load(CONFIG_FILE.read_text())
     values["model"]["clip"] = str(clip_dir)
     values["model"]["overrides"].update(extra_overrides)
+    values["model"]["overrides"]["class_vocabulary"] = list(TOY_CLASSES)  # saved with the model, for the demo
     values["data"]["sources"] = [{"type": "hub", "path": str(world_dir), "split": "train", "image_column": "image",
                                   "caption_column": "caption", "streaming": False}]
     values["data"]["seed"] = settings.seed

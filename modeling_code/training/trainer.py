@@ -200,6 +200,17 @@ class Evaluator:
         return float(result.miou)
 
 
+def record_class_vocabulary(model: CoDeModel, config: TrainingConfig) -> None:
+    """Save with the model the classes its evaluation uses (``eval.benchmark`` or ``eval.class_names``), unless its
+    config names them already (``model.overrides.class_vocabulary``): applications offer them first."""
+    from ..evaluation.runner import evaluation_spec
+
+    section = config.eval
+    if model.config.class_vocabulary is None and (section.benchmark or section.class_names):
+        model.config.class_vocabulary = list(evaluation_spec(section.benchmark, section.class_names,
+                                                             section.background).class_names)
+
+
 # ------------------------------------------------------------------------------------------------ train
 def train(
     config: TrainingConfig,
@@ -229,6 +240,7 @@ def train(
     )
     set_seed(config.seed)
     model, processor = build_model_and_processor(config)
+    record_class_vocabulary(model, config)
     model.set_masker_backbone_trainable(True)  # every trainable parameter registered with DDP and AdamW
 
     global_batch = config.data.batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
