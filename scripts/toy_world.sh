@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the machine and runs the embedded default end to end on the CPU: the toy world, CLIP pretraining,
-# CoDe training, evaluation and an overlay of a test image (outputs under outputs/toy_world by default).
+# CoDe training, evaluation and a comparison figure of test images (outputs under outputs/toy_world by default).
 # Runs code-seg from the environment that scripts/setup.sh installed into (the active virtual environment, else .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -228,3 +228,11 @@ def serve_app(model_dir: Path, log_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def grid_cell(figure, row: int, column: int, cell_size: int, band: int, spacing: int, margin: int):
+    """The [cell_size, cell_size, 3] pixels of one square cell of an ``image_grid`` with column and row titles
+    (``band``: ``title_band_height`` of its font size), from the layout its docstring gives."""
+    left = margin + column * (cell_size + spacing)
+    top = margin + band + row * (cell_size + spacing + band) + band
+    return figure[top:top + cell_size, left:left + cell_size]

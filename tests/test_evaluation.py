@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import yaml
-from helpers import launch_two_processes
+from helpers import grid_cell, launch_two_processes
 from PIL import Image
 
 from modeling_code.evaluation.evaluator import (
@@ -24,7 +24,16 @@ from modeling_code.evaluation.evaluator import (
 from modeling_code.evaluation.metrics import ConfusionMatrix
 from modeling_code.evaluation.segmentation_datasets import HFDatasetSource
 from modeling_code.evaluation.specs import get_benchmark, map_labels
-from modeling_code.predict.visualization import IGNORE_COLOR, colorize, draw_legend, overlay, palette
+from modeling_code.predict.visualization import (
+    IGNORE_COLOR,
+    colorize,
+    comparison_grid,
+    draw_legend,
+    overlay,
+    palette,
+    title_band_height,
+    upscale,
+)
 
 
 def colour_coded_dataset(num_images: int = 5, seed: int = 0) -> datasets.Dataset:
@@ -225,6 +234,58 @@ def test_draw_legend_adds_a_bar_below():
     bar_colors = {tuple(pixel) for pixel in np.asarray(legend)[40:].reshape(-1, 3)}
     assert tuple(colors[1]) in bar_colors and tuple(colors[3]) in bar_colors
     assert tuple(colors[0]) not in bar_colors
+
+
+def test_draw_legend_font_size_scales_the_bar():
+    colors = palette(4)
+    image = Image.new("RGB", (400, 40), (9, 9, 9))
+    small = draw_legend(image, ["sky", "road", "car", "tree"], colors)
+    large = draw_legend(image, ["sky", "road", "car", "tree"], colors, font_size=24)
+    assert large.width == 400 and large.height > small.height
+    bar = np.asarray(large)[40:]
+    for color in colors:  # 24 x 24 swatches: a full row of the swatch's colour, 22 px inside its outline
+        assert (bar == color).all(axis=-1).sum(axis=1).max() >= 22
+
+
+def test_upscale_by_whole_factors():
+    image = Image.fromarray(np.arange(200, dtype=np.uint8).reshape(10, 20))
+    bigger = upscale(image, 25)
+    assert bigger.size == (60, 30)  # factor 3: the short side reaches 25
+    np.testing.assert_array_equal(np.asarray(bigger)[::3, ::3], np.asarray(image))
+    assert upscale(image, 10) is image
+
+
+def test_comparison_grid_layout_and_colours():
+    class_names, colors = ["sky", "road", "car", "tree"], palette(4)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(2)]
+    labels = [rng.integers(0, 3, (20, 20)) for _ in range(2)]
+    labels[0][0, 0] = 255
+    predictions = {"model a": [np.full((20, 20), 1), np.full((20, 20), 2)], "model b": [np.zeros((20, 20), int)] * 2}
+    figure = comparison_grid(images, labels, predictions, class_names, row_titles=["first", "second"],
+                             min_cell_size=50, font_size=12, spacing=4, margin=5)
+    cell, band = 60, title_band_height(12)  # 20 px upscaled 3 times
+    grid_height = 5 + band + 2 * (band + cell) + 4 + 5
+    assert figure.width == 2 * 5 + 4 * cell + 3 * 4 and figure.height > grid_height  # a legend below
+    pixels = np.asarray(figure)
+
+    def cell_of(row, column):
+        return grid_cell(pixels, row, column, cell, band, spacing=4, margin=5)
+
+    for row in range(2):
+        np.testing.assert_array_equal(cell_of(row, 0), np.asarray(upscale(images[row], 50)))
+        expected = np.asarray(colorize(labels[row], colors)).repeat(3, axis=0).repeat(3, axis=1)
+        np.testing.assert_array_equal(cell_of(row, 1), expected)
+        assert (cell_of(row, 2) == colors[1 + row]).all() and (cell_of(row, 3) == colors[0]).all()
+    np.testing.assert_array_equal(cell_of(0, 1)[:3, :3], np.full((3, 3, 3), IGNORE_COLOR))
+    top = 5 + 2 * band
+    assert (pixels[top:top + cell, 5 + cell:5 + cell + 4] == 255).all()  # white between the cells
+    legend = {tuple(pixel) for pixel in pixels[grid_height:].reshape(-1, 3)}
+    assert {tuple(color) for color in colors[:3]} <= legend and tuple(colors[3]) not in legend  # no tree
+    with pytest.raises(ValueError, match="2 label maps for 3 images"):
+        comparison_grid([*images, images[0]], [*labels, labels[0]], predictions, class_names)
+    with pytest.raises(ValueError, match="no images"):
+        comparison_grid([], [], {}, class_names)
 
 
 def test_overlay_grid_shape(tmp_path):

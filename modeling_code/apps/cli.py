@@ -274,9 +274,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_toy_world_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "toy-world",
-        help="the embedded default end to end on a CPU: world, CLIP, CoDe, evaluation, overlay",
+        help="the embedded default end to end on a CPU: world, CLIP, CoDe, evaluation, comparison figure",
         description="Generates the toy world, pretrains its CLIP, trains CoDe and the TCL-only ablation, "
-        "evaluates them and the MaskCLIP baseline on the test split and prints the mIoU table.",
+        "evaluates them and the MaskCLIP baseline on the test split, prints the mIoU table and draws "
+        "comparison.png (test images: input, ground truth and each model's label map).",
     )
     parser.add_argument("--output_dir", default="outputs/toy_world")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
-"""Colour palettes, label-map colouring, overlays and legends (PIL only).
+"""Colour palettes, label-map colouring, overlays, legends and comparison grids (PIL only).
 
-Shared by the benchmark overlays, the inference CLI and the demo. Label values outside the palette
+Shared by the benchmark overlays, the inference CLI, the demo and the toy world's comparison figure. Label values outside the palette
 (255 = ignored, in particular) are drawn in ``IGNORE_COLOR``; palette colours are never that dark.
 """
 
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IGNORE_COLOR = (0, 0, 0)
+WHITE = (255, 255, 255)
 # Candidate colours: 40 hues x 3 saturations x 3 values, none dark (the ignore colour) or near white.
 _HUES = np.arange(40) / 40
 _SATURATIONS = (0.45, 0.7, 0.95)
@@ -147,6 +149,7 @@ def draw_legend(
     class_names: Sequence[str],
     colors: np.ndarray,
     class_indices: Sequence[int] | None = None,
+    font_size: int | None = None,
 ) -> Image.Image:
     """``image`` with a legend bar below it: a colour swatch, the class id and the name of each class.
 
@@ -158,29 +161,146 @@ def draw_legend(
         class_names: the names, indexed like ``colors``.
         colors: [N, 3] uint8 palette.
         class_indices: the classes to list (e.g. those present in a prediction); all when None.
+        font_size: text height in pixels (swatches and gaps grow with it); None: ``LEGEND_FONT_SIZE``.
     """
     indices = range(len(class_names)) if class_indices is None else class_indices
-    font = legend_font()
+    font = legend_font(LEGEND_FONT_SIZE if font_size is None else font_size)
     labels = {index: legend_label(index, class_names[index], font) for index in indices}
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    swatch, gap, padding = 12, 8, 6
+    if font_size is None:
+        swatch, gap, padding, text_offset = 12, 8, 6, 16
+    else:
+        swatch, gap, padding = font_size, 2 * font_size, font_size // 2
+        text_offset = swatch + font_size // 3
     line_height = max([swatch, *(measure.textbbox((0, 0), label, font=font)[3] for label in labels.values())]) + 4
     width = max(image.width, 160)
     # Flow the entries left to right, wrapping at the image width.
     placements, x, y = [], padding, padding
     for index in indices:
-        entry_width = swatch + 4 + int(measure.textlength(labels[index], font=font))
+        entry_width = text_offset + int(measure.textlength(labels[index], font=font))
         if x > padding and x + entry_width > width - padding:
             x, y = padding, y + line_height
         placements.append((index, x, y))
         x += entry_width + gap
     legend_height = y + line_height + padding if placements else 0
-    canvas = Image.new("RGB", (width, image.height + legend_height), (255, 255, 255))
+    canvas = Image.new("RGB", (width, image.height + legend_height), WHITE)
     canvas.paste(image.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for index, x, y in placements:
         top = image.height + y
         color = tuple(int(channel) for channel in colors[index])
         draw.rectangle((x, top, x + swatch - 1, top + swatch - 1), fill=color, outline=(0, 0, 0))
-        draw.text((x + swatch + 4, top), labels[index], fill=(0, 0, 0), font=font)
+        draw.text((x + text_offset, top), labels[index], fill=(0, 0, 0), font=font)
     return canvas
+
+
+def image_grid(
+    cells: Sequence[Sequence[Image.Image]],
+    column_titles: Sequence[str] | None = None,
+    row_titles: Sequence[str] | None = None,
+    font_size: int = 20,
+    spacing: int = 6,
+    margin: int | None = None,
+) -> Image.Image:
+    """Lay out images in rows and columns on white, with optional titles.
+
+    Every cell sits at the top left of its slot: a column is as wide as its widest cell, a row as tall as its
+    tallest. The column titles take a band of ``title_band_height(font_size)`` pixels above the first row (centred
+    over their columns); each row title takes a band of that height above its row (left-aligned). Slots are
+    ``spacing`` pixels apart and ``margin`` (default ``spacing``) from the edges, so the layout follows from the
+    cell sizes alone: column ``c`` starts at ``margin + sum(widths[:c]) + c * spacing``.
+    """
+    margin = spacing if margin is None else margin
+    if not cells or not all(cells):
+        raise ValueError("an image grid needs at least one row, and a cell in every row")
+    num_columns = max(len(row) for row in cells)
+    if column_titles is not None and len(column_titles) != num_columns:
+        raise ValueError(f"{len(column_titles)} column titles for {num_columns} columns")
+    if row_titles is not None and len(row_titles) != len(cells):
+        raise ValueError(f"{len(row_titles)} row titles for {len(cells)} rows")
+    widths = [max(row[column].width for row in cells if column < len(row)) for column in range(num_columns)]
+    heights = [max(cell.height for cell in row) for row in cells]
+    band = title_band_height(font_size)
+    lefts = [margin + sum(widths[:column]) + column * spacing for column in range(num_columns)]
+    header = margin + (band if column_titles is not None else 0)
+    row_band = band if row_titles is not None else 0
+    tops = [header + sum(heights[:row]) + row * (spacing + row_band) + row_band for row in range(len(cells))]
+    grid = Image.new("RGB", (lefts[-1] + widths[-1] + margin, tops[-1] + heights[-1] + margin), WHITE)
+    draw = ImageDraw.Draw(grid)
+    font = legend_font(font_size)
+    for column, title in enumerate(column_titles or ()):
+        left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+        x = lefts[column] + (widths[column] - (right - left)) // 2 - left
+        draw.text((x, margin + (band - (bottom - top)) // 2 - top), title, fill=(0, 0, 0), font=font)
+    for row, row_cells in enumerate(cells):
+        for column, cell in enumerate(row_cells):
+            grid.paste(cell.convert("RGB"), (lefts[column], tops[row]))
+        if row_titles is not None:
+            top, bottom = draw.textbbox((0, 0), row_titles[row], font=font)[1::2]
+            y = tops[row] - band + (band - (bottom - top)) // 2 - top
+            draw.text((lefts[0], y), row_titles[row], fill=(60, 60, 60), font=font)
+    return grid
+
+
+def title_band_height(font_size: int) -> int:
+    """Height in pixels of the band that ``image_grid`` gives a line of titles."""
+    return math.ceil(1.6 * font_size)
+
+
+def upscale(image: Image.Image, min_size: int) -> Image.Image:
+    """``image`` enlarged by the smallest whole factor that makes both sides at least ``min_size`` (nearest
+    neighbour: every pixel becomes a square block, nothing is blurred); returned as it is when large enough."""
+    factor = max(1, math.ceil(min_size / min(image.size)))
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def comparison_grid(
+    images: Sequence[Image.Image],
+    labels: Sequence[np.ndarray],
+    predictions: Mapping[str, Sequence[np.ndarray]],
+    class_names: Sequence[str],
+    colors: np.ndarray | None = None,
+    row_titles: Sequence[str] | None = None,
+    min_cell_size: int = 256,
+    font_size: int | None = None,
+    spacing: int = 6,
+    margin: int | None = None,
+) -> Image.Image:
+    """A figure comparing models' label maps: one row per image, columns input | ground truth | each model.
+
+    Label maps are drawn in flat palette colours (ignored pixels in ``IGNORE_COLOR``); every cell is enlarged
+    by a whole factor (nearest neighbour) to at least ``min_cell_size`` pixels a side. Column titles above,
+    ``row_titles`` (e.g. captions) above each row, and below the grid a legend of the classes that occur in the
+    shown labels and predictions.
+
+    Args:
+        images: the input images.
+        labels: their [H, W] ground-truth class-index maps, indexed like ``class_names``.
+        predictions: column title (e.g. a model's name and score) -> one [H, W] label map per image.
+        colors: [N, 3] uint8 palette; default ``palette(len(class_names))``.
+        font_size: of titles and legend; default about a fourteenth of a cell.
+        spacing, margin: between cells and around the grid (``image_grid``); the margin defaults to a third of
+            the font size.
+    """
+    if not images:
+        raise ValueError("no images to draw")
+    columns = {"ground truth": labels, **predictions}
+    for title, maps in columns.items():
+        if len(maps) != len(images):
+            raise ValueError(f"{title!r}: {len(maps)} label maps for {len(images)} images")
+    colors = palette(len(class_names)) if colors is None else colors
+    cells = [
+        [upscale(image.convert("RGB"), min_cell_size)]
+        + [upscale(colorize(np.asarray(maps[row]), colors), min_cell_size) for maps in columns.values()]
+        for row, image in enumerate(images)
+    ]
+    font_size = font_size or max(12, cells[0][0].width // 14)
+    margin = font_size // 3 if margin is None else margin
+    grid = image_grid(cells, ["input", *columns], row_titles, font_size=font_size, spacing=spacing, margin=margin)
+    present = sorted(
+        {int(value) for maps in columns.values() for label_map in maps for value in np.unique(label_map)}
+        & set(range(len(class_names)))
+    )
+    return draw_legend(grid, class_names, colors, present, font_size=font_size)

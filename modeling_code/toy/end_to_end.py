@@ -3,7 +3,8 @@
 Stages: (1) generate the world (a ``datasets`` DatasetDict), (2) pretrain its small CLIP, (3) train CoDe
 and the TCL-only ablation (co-decomposition terms off) with the normal trainer, (4) evaluate with the normal
 evaluation code on the test split, next to the MaskCLIP baseline (the frozen CLIP's dense features alone:
-CoDe's KP branch with weight 1), (5) write an overlay of a test image and print the table.
+CoDe's KP branch with weight 1), (5) draw the first test images' label maps side by side
+(``comparison.png``: input | ground truth | MaskCLIP | TCL-only | CoDe) and print the table.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ CONFIG_FILE = Path(__file__).with_name("configs") / "toy_world.yaml"
 
 # TCL-only ablation: the two co-decomposition terms (text segmentation and highlighted contrast) off.
 TCL_ONLY_OVERRIDES = {"loss_text_segmentation_weight": 0.0, "loss_hcl_weight": 0.0}
+
+COMPARISON_FILE = "comparison.png"
+# The comparison figure: its first rows of the test split, each cell at least this many pixels a side.
+COMPARISON_ROWS = 5
+COMPARISON_CELL_SIZE = 256
 
 
 @dataclasses.dataclass
@@ -131,29 +137,53 @@ def run_toy_world(settings: ToyPipelineSettings) -> dict[str, Any]:
 
     test_set = {"path": str(world_dir), "split": "test", "raw_label_ids": False}
     rows = {
-        "MaskCLIP baseline (KP branch only)": (model_dirs["code"], {"kp_weight": 1.0}),
-        "TCL-only ablation": (model_dirs["tcl_only"], {}),
-        "CoDe (full)": (model_dirs["code"], {}),
+        "MaskCLIP baseline (KP branch only)": ("MaskCLIP", model_dirs["code"], {"kp_weight": 1.0}),
+        "TCL-only ablation": ("TCL-only", model_dirs["tcl_only"], {}),
+        "CoDe (full)": ("CoDe", model_dirs["code"], {}),
     }
-    miou = {}
-    for label, (model_dir, inference) in rows.items():
+    miou, shown = {}, {}
+    for label, (column, model_dir, inference) in rows.items():
         segmenter = CoDeSegmenter.from_pretrained(model_dir)
         result = evaluate_dataset(segmenter.model, segmenter.processor, test_set, class_names=list(TOY_CLASSES),
-                                  progress=settings.progress, **inference)
+                                  progress=settings.progress, num_visualize=COMPARISON_ROWS, **inference)
         miou[label] = 100 * result.miou
+        shown[f"{column}: {100 * result.miou:.1f} mIoU"] = result.overlays
     timings["evaluation"] = time.perf_counter() - start
 
-    _stage(5, "writing an overlay of a test image")
+    _stage(5, "drawing the comparison figure")
     test = datasets.load_from_disk(str(world_dir))["test"]
-    segmenter = CoDeSegmenter.from_pretrained(model_dirs["code"])
-    result = segmenter(test[0]["image"], list(TOY_CLASSES))
-    result.overlay.save(out / "overlay.png")
-    print(f"    caption: {test[0]['caption']!r} -> {out / 'overlay.png'}")
+    captions = test.select(range(min(COMPARISON_ROWS, len(test))))["caption"]
+    comparison = write_comparison(shown, captions, out / COMPARISON_FILE)
+    print(f"    {comparison}")
 
     table = "| model | test mIoU |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in miou.items())
     print("\n" + table + "\n")
     summary = {"miou": miou, "seconds": {k: round(v, 1) for k, v in timings.items()},
-               "model": str(model_dirs["code"]), "settings": dataclasses.asdict(settings)}
+               "model": str(model_dirs["code"]), "figures": {"comparison": str(comparison)},
+               "settings": dataclasses.asdict(settings)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(table + "\n")
     return summary
+
+
+def write_comparison(shown: dict[str, list], captions: list[str], path: Path) -> Path:
+    """Draw the samples the evaluations kept (column title -> ``OverlayRow`` list: the first images of the test
+    split, the same for every model) as a ``comparison_grid``, each row titled with its caption; returns ``path``."""
+    from ..predict.visualization import comparison_grid
+    from .world import TOY_CLASSES
+
+    first = next(iter(shown.values()))
+    for column, samples in shown.items():
+        if [sample.name for sample in samples] != [sample.name for sample in first]:
+            raise ValueError(f"{column!r} kept other samples than {next(iter(shown))!r}")
+    figure = comparison_grid(
+        [sample.image for sample in first],
+        [sample.label for sample in first],
+        {column: [sample.prediction for sample in samples] for column, samples in shown.items()},
+        list(TOY_CLASSES),
+        row_titles=[f"test image {index}: {captions[index]}" for index in range(len(first))],
+        min_cell_size=COMPARISON_CELL_SIZE,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(path, optimize=True)
+    return path
