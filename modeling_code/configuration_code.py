@@ -2,7 +2,87 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 from transformers import CLIPConfig, PreTrainedConfig
+
+from .templates import TEMPLATE_SETS
+
+# CoDeConfig field behind each InferenceProtocol field (the config is where a model stores its protocol).
+PROTOCOL_CONFIG_FIELDS = {
+    "short_side": "inference_short_side",
+    "max_long_side": "inference_max_long_side",
+    "window_size": "window_size",
+    "window_stride": "window_stride",
+    "use_pamr": "use_pamr",
+    "pamr_iterations": "pamr_iterations",
+    "pamr_dilations": "pamr_dilations",
+    "kp_weight": "kp_weight",
+    "background_threshold": "background_threshold",
+    "template_set": "inference_template_set",
+}
+
+
+@dataclass(frozen=True)
+class InferenceProtocol:
+    """How a whole image is segmented (docs/method.md#inference-protocol); the defaults are the paper's.
+
+    A model's protocol is stored in its config (``CoDeConfig.inference_protocol``); the processor, the
+    sliding-window inference and ``CoDeSegmenter`` all read it from there, and every override goes through
+    ``replace``.
+
+    Args:
+        short_side: the image's short side after the resize (pixels).
+        max_long_side: cap on the long side after the resize (the short side shrinks to keep the aspect).
+        window_size, window_stride: the sliding windows (pixels); the stride must not exceed the window.
+        use_pamr: refine each window's masks with PAMR; ``pamr_iterations``, ``pamr_dilations`` are its settings.
+        kp_weight: weight of the KP branch's scores in the window's mix, in [0, 1] (0 skips the branch).
+        background_threshold: the score of the constant ``background`` map, in [0, 1].
+        template_set: prompt templates averaged per class for the KP branch (``templates.TEMPLATE_SETS``).
+    """
+
+    short_side: int = 448
+    max_long_side: int = 2048
+    window_size: int = 448
+    window_stride: int = 224
+    use_pamr: bool = True
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    kp_weight: float = 0.3
+    background_threshold: float = 0.4
+    template_set: str = "custom"
+
+    def __post_init__(self) -> None:
+        for name in ("short_side", "max_long_side", "window_size", "window_stride"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.window_stride > self.window_size:
+            raise ValueError(f"window_stride ({self.window_stride}) larger than window_size ({self.window_size}) "
+                             "leaves gaps between windows")
+        if int(self.pamr_iterations) != self.pamr_iterations or self.pamr_iterations < 0:
+            raise ValueError(f"pamr_iterations must be a non-negative integer; got {self.pamr_iterations!r}")
+        for name in ("kp_weight", "background_threshold"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] (scores are probabilities); got {value}")
+            object.__setattr__(self, name, value)
+        if self.template_set not in TEMPLATE_SETS:
+            raise ValueError(f"template_set must be one of {sorted(TEMPLATE_SETS)}; got {self.template_set!r}")
+        object.__setattr__(self, "use_pamr", bool(self.use_pamr))
+        object.__setattr__(self, "pamr_iterations", int(self.pamr_iterations))
+        object.__setattr__(self, "pamr_dilations", tuple(int(step) for step in self.pamr_dilations))
+
+    def replace(self, **overrides: Any) -> InferenceProtocol:
+        """A copy with ``overrides`` applied; ``None`` values leave a setting as it is. Unknown names raise."""
+        unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"Unknown inference setting(s) {unknown}; known: {list(PROTOCOL_CONFIG_FIELDS)}")
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return dataclasses.replace(self, **given) if given else self
 
 
 def _class_vocabulary(names: object) -> list[str] | None:
@@ -171,5 +251,18 @@ class CoDeConfig(PreTrainedConfig):
     def patch_size(self) -> int:
         return self.clip_config.vision_config.patch_size
 
+    @property
+    def inference_protocol(self) -> InferenceProtocol:
+        """The model's inference protocol, read from its fields (``PROTOCOL_CONFIG_FIELDS``)."""
+        return InferenceProtocol(
+            **{name: getattr(self, field) for name, field in PROTOCOL_CONFIG_FIELDS.items()}
+        )
 
-__all__ = ["CoDeConfig"]
+    @inference_protocol.setter
+    def inference_protocol(self, protocol: InferenceProtocol) -> None:
+        for name, field in PROTOCOL_CONFIG_FIELDS.items():
+            value = getattr(protocol, name)
+            setattr(self, field, list(value) if isinstance(value, tuple) else value)
+
+
+__all__ = ["PROTOCOL_CONFIG_FIELDS", "CoDeConfig", "InferenceProtocol"]

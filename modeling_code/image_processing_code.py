@@ -8,9 +8,9 @@ Everything is done with PIL, NumPy and torch (no torchvision):
   unusable raises ``InvalidImageError``.
 - training (spec §2.1): RandomResizedCrop with torchvision's sampling rule, PIL bilinear resize,
   horizontal flip, normalisation with ImageNet statistics.
-- evaluation (spec §3.3): keep-ratio resize so the short side is 448 with the long side capped at
-  2048, bilinear without antialiasing and rounded to 8-bit levels as OpenCV does in the original
-  evaluation pipeline, then the same normalisation.
+- evaluation (docs/method.md#whole-images): keep-ratio resize to the short side and long-side cap of an
+  ``InferenceProtocol`` (the model's, which its config stores), bilinear without antialiasing and rounded to
+  8-bit levels as OpenCV does in the original evaluation pipeline, then the same normalisation.
 - ``post_process_semantic_segmentation`` turns class score maps into label maps.
 """
 
@@ -33,11 +33,15 @@ from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
+from .configuration_code import InferenceProtocol
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Keys of 0.1 that held the evaluation resize; the model config's protocol owns it now.
+LEGACY_RESIZE_KEYS = ("eval_short_side", "eval_max_long_side")
 # Transparent pixels are composited onto this colour, as image viewers and browsers show them.
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
 # PIL opens 16-bit PNG/TIFF data as one of these modes; "I" (32-bit int) is read as 16-bit data too.
@@ -278,8 +282,6 @@ class CoDeImageProcessorKwargs(ImagesKwargs, total=False):
     train_crop_scale: tuple[float, float]
     train_crop_ratio: tuple[float, float]
     flip_probability: float
-    eval_short_side: int
-    eval_max_long_side: int
     max_pixels: int | None
 
 
@@ -293,8 +295,6 @@ class CoDeImageProcessor(BaseImageProcessor):
         train_crop_scale: range of the crop's area as a fraction of the image.
         train_crop_ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         flip_probability: probability of a horizontal flip in training.
-        eval_short_side: short side after the evaluation resize.
-        eval_max_long_side: cap on the long side after the evaluation resize.
         max_pixels: inputs above this many pixels are downscaled with a warning (``None``: no cap).
         resample: PIL filter of the training crop resize; the evaluation resize uses the same kind of
             interpolation in torch without antialiasing (nearest, bilinear or bicubic).
@@ -311,12 +311,12 @@ class CoDeImageProcessor(BaseImageProcessor):
         train_crop_scale: Sequence[float] = (0.9, 1.0),
         train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         flip_probability: float = 0.5,
-        eval_short_side: int = 448,
-        eval_max_long_side: int = 2048,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         resample: int = Image.Resampling.BILINEAR,
         **kwargs: Any,
     ) -> None:
+        # 0.1 stored the evaluation resize here; kept only for CoDeProcessor to compare with the model's protocol.
+        self.legacy_resize = {key: int(kwargs.pop(key)) for key in LEGACY_RESIZE_KEYS if key in kwargs}
         super().__init__(**kwargs)
         self.image_mean = self._channel_values("image_mean", image_mean)
         self.image_std = self._channel_values("image_std", image_std)
@@ -333,10 +333,8 @@ class CoDeImageProcessor(BaseImageProcessor):
         self.flip_probability = float(flip_probability)
         if not 0.0 <= self.flip_probability <= 1.0:
             raise ValueError(f"flip_probability must be in [0, 1]; got {self.flip_probability}.")
-        self.eval_short_side = int(eval_short_side)
-        self.eval_max_long_side = int(eval_max_long_side)
         self.max_pixels = None if max_pixels is None else int(max_pixels)
-        for name in ("train_crop_size", "eval_short_side", "eval_max_long_side", "max_pixels"):
+        for name in ("train_crop_size", "max_pixels"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive; got {value}.")
@@ -364,15 +362,19 @@ class CoDeImageProcessor(BaseImageProcessor):
         output = super().to_dict()
         # The base class drops None values, but max_pixels=None (no cap) must survive a save/load.
         output["max_pixels"] = self.max_pixels
+        output.pop("legacy_resize", None)
         return output
 
     def load_image(self, image: ImageLike) -> Image.Image:
         """``load_image`` with this processor's ``max_pixels`` cap."""
         return load_image(image, max_pixels=self.max_pixels)
 
-    def eval_size(self, height: int, width: int) -> tuple[int, int]:
-        """``(new_height, new_width)`` of the evaluation resize of a ``height`` x ``width`` image."""
-        return keep_ratio_size(height, width, self.eval_short_side, self.eval_max_long_side)
+    @staticmethod
+    def eval_size(height: int, width: int, protocol: InferenceProtocol | None = None) -> tuple[int, int]:
+        """``(new_height, new_width)`` of the evaluation resize of a ``height`` x ``width`` image under
+        ``protocol`` (default: the paper's)."""
+        protocol = protocol or InferenceProtocol()
+        return keep_ratio_size(height, width, protocol.short_side, protocol.max_long_side)
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """[3, H, W] floats in [0, 1] -> normalised with ``image_mean`` / ``image_std``."""
@@ -407,8 +409,8 @@ class CoDeImageProcessor(BaseImageProcessor):
             pixels = pixels.flip(-1)
         return pixels
 
-    def _eval_pixels(self, rgb: Image.Image) -> torch.Tensor:
-        height, width = self.eval_size(rgb.height, rgb.width)
+    def _eval_pixels(self, rgb: Image.Image, protocol: InferenceProtocol | None) -> torch.Tensor:
+        height, width = self.eval_size(rgb.height, rgb.width, protocol)
         levels = self._levels(rgb)
         if (height, width) != (rgb.height, rgb.width):
             mode = TORCH_INTERPOLATION[self.resample]
@@ -423,16 +425,25 @@ class CoDeImageProcessor(BaseImageProcessor):
             levels = levels.round().clamp(0, 255)
         return self._normalise(levels / 255.0)
 
-    def preprocess_eval(self, image: ImageLike) -> torch.Tensor:
+    def preprocess_eval(self, image: ImageLike, protocol: InferenceProtocol | None = None) -> torch.Tensor:
         """Evaluation transform: keep-ratio resize (see ``eval_size``) and normalisation.
 
         Returns:
-            float32 tensor [3, H, W] with ``(H, W) = eval_size(height, width)`` of the loaded image.
+            float32 tensor [3, H, W] with ``(H, W) = eval_size(height, width, protocol)`` of the loaded image.
         """
-        return self._eval_pixels(self.load_image(image))
+        return self._eval_pixels(self.load_image(image), protocol)
 
-    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt") -> BatchFeature:
-        """Evaluation inputs for one image or a list of images.
+    def preprocess(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        return_tensors: str | None = "pt",
+        protocol: InferenceProtocol | None = None,
+    ) -> BatchFeature:
+        """Evaluation inputs for one image or a list of images, resized as ``protocol`` says (default: the
+        paper's protocol; ``CoDeProcessor`` passes the model's).
+
+        Paths and encoded bytes are decoded here, with their EXIF orientation applied; an in-memory PIL image
+        or array is taken as given (as transformers' image processors do).
 
         Returns:
             ``BatchFeature`` with ``pixel_values`` (a tensor [B, 3, H, W] when all images get the
@@ -445,52 +456,48 @@ class CoDeImageProcessor(BaseImageProcessor):
         if not batch:
             raise ValueError("No images were given.")
         loaded = [self.load_image(image) for image in batch]
-        pixel_values: torch.Tensor | list[torch.Tensor] = [self._eval_pixels(rgb) for rgb in loaded]
+        pixel_values: torch.Tensor | list[torch.Tensor] = [self._eval_pixels(rgb, protocol) for rgb in loaded]
         if len({tuple(pixels.shape) for pixels in pixel_values}) == 1:
             pixel_values = torch.stack(pixel_values)
         original_sizes = [(rgb.height, rgb.width) for rgb in loaded]
         return BatchFeature({"pixel_values": pixel_values, "original_sizes": original_sizes})
 
     def post_process_semantic_segmentation(
-        self,
-        outputs: Any,
-        target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
-        background_threshold: float | None = None,
+        self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """Class score maps -> label maps.
+        """Class score maps -> label maps (class ids are positions in the vocabulary, ``background`` included).
 
         Args:
-            outputs: an object with ``logits``: a tensor [B, N, h, w] of class scores (in [0, 1]) or a
-                list of B tensors [N, h_i, w_i].
+            outputs: a ``CoDeSegmentationOutput`` (or any object with ``scores``, or ``logits``): a tensor
+                [B, N, h, w] of class scores or a list of B tensors [N, h_i, w_i].
             target_sizes: ``(height, width)`` per image to resize the score maps to (bilinear,
-                ``align_corners=False``, no antialiasing) before the argmax; ``None`` keeps their size.
-            background_threshold: if given, a constant map of this value is prepended as class 0, so
-                the label of the n-th class becomes n + 1 and pixels where no class scores above the
-                threshold get 0.
+                ``align_corners=False``, no antialiasing) before the argmax. ``None``: the sizes of the images
+                as the processor saw them (``outputs.original_sizes``), or the maps' own sizes without those.
 
         Returns:
             list of B ``torch.LongTensor`` [H_i, W_i] of class ids.
         """
-        logits = outputs.logits
-        score_maps = list(logits.unbind(0)) if isinstance(logits, torch.Tensor) else list(logits)
-        for scores in score_maps:
-            if scores.dim() != 3:
-                raise ValueError(f"Each score map must be [num_classes, height, width]; got {tuple(scores.shape)}.")
+        scores = getattr(outputs, "scores", None)
+        if scores is None:
+            scores = outputs.logits
+        score_maps = list(scores.unbind(0)) if isinstance(scores, torch.Tensor) else list(scores)
+        for maps in score_maps:
+            if maps.dim() != 3:
+                raise ValueError(f"Each score map must be [num_classes, height, width]; got {tuple(maps.shape)}.")
+        if target_sizes is None:
+            target_sizes = getattr(outputs, "original_sizes", None)
         if target_sizes is not None and len(target_sizes) != len(score_maps):
             raise ValueError(
                 f"Got {len(target_sizes)} target sizes for a batch of {len(score_maps)} score maps."
             )
         segmentations = []
-        for index, scores in enumerate(score_maps):
-            scores = scores.float()
-            if background_threshold is not None:
-                background = scores.new_full((1, *scores.shape[1:]), float(background_threshold))
-                scores = torch.cat([background, scores])
+        for index, maps in enumerate(score_maps):
+            maps = maps.float()
             if target_sizes is not None:
                 size = tuple(int(side) for side in target_sizes[index])
-                if size != tuple(scores.shape[1:]):
-                    scores = F.interpolate(
-                        scores[None], size=size, mode="bilinear", align_corners=False, antialias=False
+                if size != tuple(maps.shape[1:]):
+                    maps = F.interpolate(
+                        maps[None], size=size, mode="bilinear", align_corners=False, antialias=False
                     )[0]
-            segmentations.append(scores.argmax(dim=0))
+            segmentations.append(maps.argmax(dim=0))
         return segmentations

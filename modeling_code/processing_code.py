@@ -9,8 +9,10 @@ transformers' CLIP tokenizers pad with; the non-causal text decoder sees the pad
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,9 @@ import torch
 from transformers import BatchFeature, CLIPTokenizer
 from transformers.processing_utils import ProcessorMixin
 
+from .configuration_code import PROTOCOL_CONFIG_FIELDS, CoDeConfig, InferenceProtocol
 from .image_processing_code import CoDeImageProcessor, ImageLike
+from .inference import clean_class_names, parse_class_list
 from .templates import get_templates
 from .text_decomposition import NounDecomposer, pseudo_text_labels
 
@@ -33,7 +37,7 @@ SUB_PROCESSOR_LOADING_KWARGS = (
     "revision",
     "subfolder",
 )
-PER_NOUN_KEYS = ("noun_input_ids", "template_input_ids")
+PER_NOUN_KEYS = ("noun_input_ids", "kg_template_input_ids")
 # What a saved processor needs besides the weights: each entry is satisfied by any one of its file sets.
 PROCESSOR_FILES = {
     "processor_config.json": (("processor_config.json",), ("preprocessor_config.json",)),
@@ -80,6 +84,8 @@ def check_tokenizer_vocabulary(tokenizer: CLIPTokenizer, source: Any) -> None:
             "its tokenizer files are missing, so every class would get the same token ids."
         )
 
+logger = logging.getLogger(__name__)
+
 
 def bpe_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[int]]:
     """The BPE token ids of each text: no start or end token, no padding, no truncation.
@@ -111,6 +117,38 @@ def clip_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str], context_lengt
     return input_ids, truncated
 
 
+def _saved_protocol(
+    path: Any, processor_dict: dict, image_processor: CoDeImageProcessor, loading_kwargs: dict
+) -> InferenceProtocol:
+    """The inference protocol of a saved model directory, from its ``config.json``.
+
+    0.1 also stored the resize in the image processor (``eval_short_side``, ``eval_max_long_side``) and the
+    template set in the processor (``inference_template_set``). Migration rule: the model config wins, as 0.1's
+    ``CoDeSegmenter`` already applied it, and a disagreement is logged; a directory without ``config.json``
+    (a processor saved alone) keeps its own old values.
+    """
+    legacy = {
+        "short_side": image_processor.legacy_resize.get("eval_short_side"),
+        "max_long_side": image_processor.legacy_resize.get("eval_max_long_side"),
+        "template_set": processor_dict.pop("inference_template_set", None),
+    }
+    legacy = {name: value for name, value in legacy.items() if value is not None}
+    try:
+        protocol = CoDeConfig.from_pretrained(path, **loading_kwargs).inference_protocol
+    except OSError:  # no config.json: a processor saved on its own
+        return InferenceProtocol().replace(**legacy)
+    disagreeing = {name: value for name, value in legacy.items() if getattr(protocol, name) != value}
+    if disagreeing:
+        logger.warning(
+            "The processor files of %s hold old (0.1) inference settings that differ from the model config; the "
+            "model config's are used: %s",
+            path,
+            ", ".join(f"{PROTOCOL_CONFIG_FIELDS[name]} {getattr(protocol, name)!r} (processor: {value!r})"
+                      for name, value in disagreeing.items()),
+        )
+    return protocol
+
+
 class CoDeProcessor(ProcessorMixin):
     r"""Processor of CoDe.
 
@@ -122,7 +160,9 @@ class CoDeProcessor(ProcessorMixin):
         context_length: L, positions per token sequence.
         kg_template_set: template set (``templates.TEMPLATE_SETS``) filled with each sampled noun
             for the knowledge-guidance loss; one template is drawn at random per noun.
-        inference_template_set: template set whose prompts are averaged per class at inference.
+        protocol: the inference protocol (resize and KP template set) of the model this processor serves.
+            ``from_pretrained`` reads it from the model's ``config.json``; the paper's protocol by default.
+            It is not saved with the processor: the model config owns it.
     """
 
     def __init__(
@@ -133,7 +173,8 @@ class CoDeProcessor(ProcessorMixin):
         num_words: int = 2,
         context_length: int = 77,
         kg_template_set: str = "imagenet",
-        inference_template_set: str = "custom",
+        protocol: InferenceProtocol | None = None,
+        **deprecated: Any,
     ) -> None:
         if image_processor is None:
             image_processor = CoDeImageProcessor()
@@ -143,14 +184,23 @@ class CoDeProcessor(ProcessorMixin):
             raise ValueError("CoDeProcessor needs a CLIP tokenizer, e.g. CLIPTokenizer.from_pretrained(<clip id>).")
         if context_length < 2:
             raise ValueError(f"context_length must hold at least SOS and EOS (2); got {context_length}.")
+        if "inference_template_set" in deprecated:
+            warnings.warn(
+                "CoDeProcessor(inference_template_set=...) is deprecated and goes in 0.3: the template set is part "
+                "of the model's InferenceProtocol (protocol=InferenceProtocol(template_set=...)).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            protocol = (protocol or InferenceProtocol()).replace(template_set=deprecated.pop("inference_template_set"))
+        if deprecated:
+            raise TypeError(f"CoDeProcessor got unexpected arguments {sorted(deprecated)}")
         super().__init__(image_processor, tokenizer)
         self.spacy_model = spacy_model
         self.num_words = num_words
         self.context_length = context_length
         self.kg_template_set = kg_template_set
-        self.inference_template_set = inference_template_set
         self.kg_templates = get_templates(kg_template_set)
-        self.inference_templates = get_templates(inference_template_set)
+        self.inference_protocol = protocol or InferenceProtocol()
         self.noun_decomposer = NounDecomposer(spacy_model, num_words)
 
     @classmethod
@@ -171,6 +221,10 @@ class CoDeProcessor(ProcessorMixin):
             tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **loading_kwargs)
             check_tokenizer_vocabulary(tokenizer, pretrained_model_name_or_path)
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **loading_kwargs)
+        if "protocol" not in kwargs:
+            kwargs["protocol"] = _saved_protocol(
+                pretrained_model_name_or_path, processor_dict, image_processor, loading_kwargs
+            )
         settings = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer"}
         # loader options such as trust_remote_code (from AutoProcessor) are not settings
         values = {key: value for key, value in {**processor_dict, **kwargs}.items() if key in settings}
@@ -217,7 +271,7 @@ class CoDeProcessor(ProcessorMixin):
 
         Returns:
             ``pixel_values`` [3, S, S] float, ``caption_input_ids`` [L], ``noun_input_ids`` [K, L]
-            (each sampled noun tokenised alone), ``template_input_ids`` [K, L] (a random template of
+            (each sampled noun tokenised alone), ``kg_template_input_ids`` [K, L] (a random template of
             ``kg_template_set`` filled with each noun) and ``text_labels`` [L] (pseudo labels: -1,
             0 for any noun, k for the k-th sampled noun); integer tensors are int64.
 
@@ -241,7 +295,7 @@ class CoDeProcessor(ProcessorMixin):
             "pixel_values": pixel_values,
             "caption_input_ids": caption_input_ids,
             "noun_input_ids": self.tokenize(selected),
-            "template_input_ids": self.tokenize(prompts),
+            "kg_template_input_ids": self.tokenize(prompts),
             "text_labels": torch.tensor(text_labels, dtype=torch.long),
         }
 
@@ -251,7 +305,7 @@ class CoDeProcessor(ProcessorMixin):
 
         Returns:
             ``pixel_values`` [B, 3, S, S], ``caption_input_ids`` [B, L], ``text_labels`` [B, L], and
-            ``noun_input_ids`` / ``template_input_ids`` [K*B, L] stacked noun-major: row k*B + b is
+            ``noun_input_ids`` / ``kg_template_input_ids`` [K*B, L] stacked noun-major: row k*B + b is
             noun k of sample b.
         """
         if not samples:
@@ -270,34 +324,71 @@ class CoDeProcessor(ProcessorMixin):
     def __call__(
         self,
         images: ImageLike | Sequence[ImageLike] | None = None,
-        class_names: Sequence[str] | None = None,
+        text: str | Sequence[str] | None = None,
         return_tensors: str | None = "pt",
+        protocol: InferenceProtocol | None = None,
+        **deprecated: Any,
     ) -> BatchFeature:
-        """Inference inputs.
+        """Inference inputs: what ``CoDeModel.forward`` takes, under the same names.
 
         Args:
-            images: one image or a list (see ``CoDeImageProcessor.preprocess``).
-            class_names: the N class names of the vocabulary.
+            images: one image or a list (anything ``CoDeImageProcessor.load_image`` takes). Paths and encoded
+                bytes are decoded here with their EXIF orientation applied; an in-memory PIL image or array is
+                taken as given.
+            text: the vocabulary, shared by every image of the call: a list of class names, or one string of
+                names separated by commas or newlines. ``background`` stands for a constant score map; class
+                ids are positions in this list.
             return_tensors: only ``"pt"`` (torch) is supported.
+            protocol: resize and template set; default: this processor's (the model's) protocol.
 
         Returns:
-            ``BatchFeature`` with, for images, ``pixel_values`` and ``original_sizes``; for class
-            names, ``class_input_ids`` [N, L] and ``template_input_ids`` [N*T, L] class-major (row
-            n*T + t is template t of class n; T = ``len(self.inference_templates)``).
+            ``BatchFeature`` with, for images, ``pixel_values`` (a tensor [B, 3, H, W], or a list of [3, H_i, W_i]
+            when sizes differ) and ``original_sizes`` (``(height, width)`` of each image as given); for text,
+            ``class_input_ids`` [N_text, L] (the prompted class names, ``background`` left out),
+            ``kp_template_input_ids`` [N_text * T, L] class-major (row n * T + t is template t of class n) and
+            ``background_index`` (position of ``background`` in the list, or None).
         """
-        if images is None and class_names is None:
-            raise ValueError("Give images, class_names or both.")
+        if "class_names" in deprecated:
+            warnings.warn(
+                "CoDeProcessor(class_names=...) is deprecated and goes in 0.3; pass the vocabulary as text=...",
+                FutureWarning,
+                stacklevel=2,
+            )
+            text = deprecated.pop("class_names") if text is None else text
+        if deprecated:
+            raise TypeError(f"CoDeProcessor.__call__ got unexpected arguments {sorted(deprecated)}")
+        if images is None and text is None:
+            raise ValueError("Give images, text (the class names) or both.")
         if return_tensors not in ("pt", None):
             raise ValueError(f"CoDeProcessor returns torch tensors only; got return_tensors={return_tensors!r}.")
+        protocol = protocol or self.inference_protocol
         data: dict[str, Any] = {}
         if images is not None:
-            data.update(self.image_processor.preprocess(images))
-        if class_names is not None:
-            if isinstance(class_names, str):
-                raise TypeError("class_names must be a list of strings, not a single string.")
-            class_names = list(class_names)
-            data["class_input_ids"] = self.tokenize(class_names)
-            data["template_input_ids"] = self.tokenize(
-                [template.format(name) for name in class_names for template in self.inference_templates]
-            )
+            data.update(self.image_processor.preprocess(images, protocol=protocol))
+        if text is not None:
+            data.update(self.encode_text(text, protocol))
         return BatchFeature(data)
+
+    def encode_text(self, text: str | Sequence[str], protocol: InferenceProtocol | None = None) -> dict[str, Any]:
+        """The text part of ``__call__``: ``class_input_ids``, ``kp_template_input_ids``, ``background_index``."""
+        names = parse_class_list(text) if isinstance(text, str) else text
+        names, background_index = clean_class_names(names)
+        text_names = [name for index, name in enumerate(names) if index != background_index]
+        templates = get_templates((protocol or self.inference_protocol).template_set)
+        return {
+            "class_input_ids": self.tokenize(text_names),
+            "kp_template_input_ids": self.tokenize(
+                [template.format(name) for name in text_names for template in templates]
+            ),
+            "background_index": background_index,
+        }
+
+    def post_process_semantic_segmentation(
+        self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Label maps [H_i, W_i] (class ids: positions in the vocabulary) from the model's output; see
+        ``CoDeImageProcessor.post_process_semantic_segmentation``."""
+        return self.image_processor.post_process_semantic_segmentation(outputs, target_sizes)
+
+
+__all__ = ["CoDeProcessor", "bpe_token_ids", "clip_token_ids"]
