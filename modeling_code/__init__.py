@@ -25,7 +25,7 @@ from typing import Any
 
 from ._moved_modules import install as _install_moved_modules
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _install_moved_modules()
 
@@ -36,7 +36,9 @@ _LAZY_ATTRIBUTES = {
     "CoDeModel": ".modeling_code",
     "CoDeModelOutput": ".modeling_code",
     "CoDePreTrainedModel": ".modeling_code",
+    "CoDeSegmentationOutput": ".modeling_code",
     "CoDeWindowOutput": ".modeling_code",
+    "InferenceProtocol": ".configuration_code",
     "CoDeProcessor": ".processing_code",
     "CoDeSegmenter": ".predict.segmenter",
     "SegmentationResult": ".predict.segmenter",
@@ -98,8 +100,10 @@ __all__ = [
     "CoDeModelOutput",
     "CoDePreTrainedModel",
     "CoDeProcessor",
+    "CoDeSegmentationOutput",
     "CoDeSegmenter",
     "CoDeWindowOutput",
+    "InferenceProtocol",
     "SegmentationResult",
     "register_auto_classes",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +78,20 @@ class InferenceProtocol:
         object.__setattr__(self, "pamr_dilations", tuple(int(step) for step in self.pamr_dilations))
 
     def replace(self, **overrides: Any) -> InferenceProtocol:
-        """A copy with ``overrides`` applied; ``None`` values leave a setting as it is. Unknown names raise."""
-        unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(self)})
+        """A copy with ``overrides`` applied; ``None`` values leave a setting as it is. Unknown names raise.
+
+        The config's names of the three fields named differently there (``inference_short_side``,
+        ``inference_max_long_side``, ``inference_template_set``) are accepted with a deprecation warning.
+        """
+        for name, field in PROTOCOL_CONFIG_FIELDS.items():
+            if field != name and field in overrides:
+                warnings.warn(
+                    f"The inference setting {field!r} is now called {name!r}; the old name goes in 0.3",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                overrides[name] = overrides.pop(field)
+        unknown = sorted(set(overrides) - set(PROTOCOL_CONFIG_FIELDS))
         if unknown:
             raise TypeError(f"Unknown inference setting(s) {unknown}; known: {list(PROTOCOL_CONFIG_FIELDS)}")
         given = {name: value for name, value in overrides.items() if value is not None}
@@ -134,7 +147,7 @@ class CoDeConfig(PreTrainedConfig):
         logit_scale_max (`float`, defaults to 100.0):
             Clamp of the exponentiated logit scales.
         loss_*_weight (`float`):
-            Weights of the training loss terms (spec §2.2).
+            Weights of the training loss terms, one per name of ``losses.LOSS_NAMES`` (docs/method.md#losses).
         exclude_same_noun_negatives (`bool`, defaults to False):
             In the three contrastive terms (``tcl_feature``, ``tcl_image``, ``hcl``), leave out of each row's
             negatives the other rows that name the same noun. The paper counts them as negatives, which is harmless
@@ -146,18 +159,15 @@ class CoDeConfig(PreTrainedConfig):
             Class weight of the "not the selected noun" class in the text segmentation loss.
         mask_pool_eps (`float`, defaults to 1e-6):
             Added to the soft-mask sum when pooling features with a mask.
-        background_threshold (`float`, defaults to 0.4):
-            Constant score of the background class at inference.
-        kp_weight (`float`, defaults to 0.3):
-            Weight of the MaskCLIP key-point (KP) branch in the final mask.
         kp_cos_offset / kp_cos_scale (`float`, defaults to 0.25 / 10.0):
             KP branch scores ``sigmoid((cos - offset) * scale)``.
-        use_pamr / pamr_iterations / pamr_dilations:
-            Pixel-adaptive mask refinement at inference.
-        inference_short_side / inference_max_long_side / window_size / window_stride (`int`):
-            Whole-image protocol: resize, then sliding windows averaged over overlaps.
-        kg_template_set / inference_template_set (`str`):
-            Names of prompt template sets (see `modeling_code.templates`) for the kg loss and the KP branch.
+        kg_template_set (`str`):
+            Name of the prompt template set (see `modeling_code.templates`) of the kg loss.
+        background_threshold, kp_weight, use_pamr, pamr_iterations, pamr_dilations, inference_short_side,
+        inference_max_long_side, window_size, window_stride, inference_template_set:
+            The model's inference protocol, stored flat; read it as ``config.inference_protocol`` (an
+            [`InferenceProtocol`], whose fields ``PROTOCOL_CONFIG_FIELDS`` maps to these; defaults and
+            checks are its own).
         class_vocabulary (`list[str]`, *optional*):
             The class names the model was trained or evaluated on, in id order (``"background"`` included when it
             is a class): the toy world's classes, or the benchmark of the training run's evaluation. Written by the
@@ -206,20 +216,20 @@ class CoDeConfig(PreTrainedConfig):
     area_negative_prior: float = 0.0
     text_segmentation_background_weight: float = 0.5
     mask_pool_eps: float = 1e-6
-    # inference defaults (spec §3)
-    background_threshold: float = 0.4
-    kp_weight: float = 0.3
+    # the inference protocol, stored flat (config.json keys of 0.1); its defaults and checks are InferenceProtocol's
+    background_threshold: float = InferenceProtocol.background_threshold
+    kp_weight: float = InferenceProtocol.kp_weight
     kp_cos_offset: float = 0.25
     kp_cos_scale: float = 10.0
-    use_pamr: bool = True
-    pamr_iterations: int = 10
-    pamr_dilations: list[int] | tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-    inference_short_side: int = 448
-    inference_max_long_side: int = 2048
-    window_size: int = 448
-    window_stride: int = 224
+    use_pamr: bool = InferenceProtocol.use_pamr
+    pamr_iterations: int = InferenceProtocol.pamr_iterations
+    pamr_dilations: list[int] | tuple[int, ...] = InferenceProtocol.pamr_dilations
+    inference_short_side: int = InferenceProtocol.short_side
+    inference_max_long_side: int = InferenceProtocol.max_long_side
+    window_size: int = InferenceProtocol.window_size
+    window_stride: int = InferenceProtocol.window_stride
     kg_template_set: str = "imagenet"
-    inference_template_set: str = "custom"
+    inference_template_set: str = InferenceProtocol.template_set
     # what the model has seen (for applications); not read by the model itself
     class_vocabulary: list[str] | None = None
 

@@ -6,7 +6,7 @@ Everything is done with PIL, NumPy and torch (no torchvision):
   PIL image. Files and bytes are turned upright by their EXIF orientation, transparent pixels are
   composited onto white (how such images are displayed), 16-bit data is scaled to 8 bits, and anything
   unusable raises ``InvalidImageError``.
-- training (spec §2.1): RandomResizedCrop with torchvision's sampling rule, PIL bilinear resize,
+- training (docs/method.md#training-data): RandomResizedCrop with torchvision's sampling rule, PIL bilinear resize,
   horizontal flip, normalisation with ImageNet statistics.
 - evaluation (docs/method.md#whole-images): keep-ratio resize to the short side and long-side cap of an
   ``InferenceProtocol`` (the model's, which its config stores), bilinear without antialiasing and rounded to
@@ -34,6 +34,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
 from .configuration_code import InferenceProtocol
+from .inference import insert_background
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +316,16 @@ class CoDeImageProcessor(BaseImageProcessor):
         resample: int = Image.Resampling.BILINEAR,
         **kwargs: Any,
     ) -> None:
-        # 0.1 stored the evaluation resize here; kept only for CoDeProcessor to compare with the model's protocol.
+        # 0.1 stored the evaluation resize here. It is only the default of a processor used on its own: a
+        # CoDeProcessor always passes the model's protocol (and compares the two when loading).
         self.legacy_resize = {key: int(kwargs.pop(key)) for key in LEGACY_RESIZE_KEYS if key in kwargs}
+        if self.legacy_resize:
+            warnings.warn(
+                f"CoDeImageProcessor({', '.join(self.legacy_resize)}) is deprecated and goes in 0.3: the evaluation "
+                "resize is part of the model's InferenceProtocol (short_side, max_long_side), passed to preprocess",
+                FutureWarning,
+                stacklevel=2,
+            )
         super().__init__(**kwargs)
         self.image_mean = self._channel_values("image_mean", image_mean)
         self.image_std = self._channel_values("image_std", image_std)
@@ -369,11 +378,14 @@ class CoDeImageProcessor(BaseImageProcessor):
         """``load_image`` with this processor's ``max_pixels`` cap."""
         return load_image(image, max_pixels=self.max_pixels)
 
-    @staticmethod
-    def eval_size(height: int, width: int, protocol: InferenceProtocol | None = None) -> tuple[int, int]:
+    def eval_size(self, height: int, width: int, protocol: InferenceProtocol | None = None) -> tuple[int, int]:
         """``(new_height, new_width)`` of the evaluation resize of a ``height`` x ``width`` image under
-        ``protocol`` (default: the paper's)."""
-        protocol = protocol or InferenceProtocol()
+        ``protocol`` (default: the paper's, or the deprecated resize this processor was built with)."""
+        if protocol is None:
+            legacy = self.legacy_resize
+            protocol = InferenceProtocol().replace(
+                short_side=legacy.get("eval_short_side"), max_long_side=legacy.get("eval_max_long_side")
+            )
         return keep_ratio_size(height, width, protocol.short_side, protocol.max_long_side)
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -463,7 +475,10 @@ class CoDeImageProcessor(BaseImageProcessor):
         return BatchFeature({"pixel_values": pixel_values, "original_sizes": original_sizes})
 
     def post_process_semantic_segmentation(
-        self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
+        self,
+        outputs: Any,
+        target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        background_threshold: float | None = None,
     ) -> list[torch.Tensor]:
         """Class score maps -> label maps (class ids are positions in the vocabulary, ``background`` included).
 
@@ -473,6 +488,8 @@ class CoDeImageProcessor(BaseImageProcessor):
             target_sizes: ``(height, width)`` per image to resize the score maps to (bilinear,
                 ``align_corners=False``, no antialiasing) before the argmax. ``None``: the sizes of the images
                 as the processor saw them (``outputs.original_sizes``), or the maps' own sizes without those.
+            background_threshold: deprecated (goes in 0.3): prepends a constant background map as class 0; put
+                ``background`` in the class list instead.
 
         Returns:
             list of B ``torch.LongTensor`` [H_i, W_i] of class ids.
@@ -490,9 +507,18 @@ class CoDeImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"Got {len(target_sizes)} target sizes for a batch of {len(score_maps)} score maps."
             )
+        if background_threshold is not None:
+            warnings.warn(
+                "post_process_semantic_segmentation(background_threshold=...) is deprecated and goes in 0.3: put "
+                "'background' in the class list (processor text=[...]); the model inserts its map",
+                FutureWarning,
+                stacklevel=2,
+            )
         segmentations = []
         for index, maps in enumerate(score_maps):
             maps = maps.float()
+            if background_threshold is not None:
+                maps = insert_background(maps, 0, float(background_threshold))
             if target_sizes is not None:
                 size = tuple(int(side) for side in target_sizes[index])
                 if size != tuple(maps.shape[1:]):

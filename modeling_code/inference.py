@@ -1,11 +1,15 @@
 """Open-vocabulary whole-image inference at the benchmark protocol (docs/method.md#inference-protocol).
 
+``CoDeModel.forward`` runs it at inference; the protocol's settings come from one ``InferenceProtocol``
+(the model config's unless the caller passes another).
+
 - ``encode_vocabulary``: class names -> ``VocabularyEmbeddings`` (prompted embeddings for the masker, template
-  ensembles for the KP branch). They depend only on the names, so compute them once and reuse them.
-  The name ``background`` is not a text query: it stands for a constant map of ``background_threshold``.
+  ensembles for the KP branch). They depend only on the names, so compute them once and pass them to the
+  model for any number of images (``vocabulary.model_inputs()``). The name ``background`` is not a text
+  query: it stands for a constant map of ``background_threshold``, inserted by ``insert_background`` only.
 - ``segment_window_scores``: one window size: zero-pad to the patch size, masks, PAMR, KP mix,
   resize to the padded size, crop the padding.
-- ``segment_images``: images already resized by the processor's evaluation transform, any sizes:
+- ``sliding_window_scores``: images already resized by the processor's evaluation transform, any sizes:
   sliding windows batched through the model (windows of the same size from every image share batches),
   overlapping outputs averaged, background map inserted. Score maps stay at the processed resolution; the
   image processor's ``post_process_semantic_segmentation`` resizes them to the original sizes and takes the
@@ -18,16 +22,17 @@ time, PAMR and the masker decoder as defined); the tests check that both agree t
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 
+from .configuration_code import InferenceProtocol
 from .pamr import pamr
-from .templates import get_templates
 
 if TYPE_CHECKING:
     from .modeling_code import CoDeModel
@@ -70,6 +75,15 @@ class VocabularyEmbeddings:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def model_inputs(self) -> dict[str, torch.Tensor | int | None]:
+        """The ``CoDeModel.forward`` arguments that stand for this vocabulary: ``model(pixel_values=...,
+        **vocabulary.model_inputs())``."""
+        return {
+            "class_embeddings": self.class_embeddings,
+            "kp_class_embeddings": self.kp_class_embeddings,
+            "background_index": self.background_index,
+        }
+
 
 # Class names typed as one text are separated by commas or line breaks.
 CLASS_SEPARATORS = re.compile(r"[,\r\n]")
@@ -100,16 +114,20 @@ def _refuse_line_breaks(class_names: Sequence[str]) -> None:
             )
 
 
-def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None]:
+def clean_class_names(
+    class_names: Sequence[str], drop_duplicates: bool = True
+) -> tuple[list[str], int | None]:
     """Validate class names; returns (names without duplicates, index of ``background`` or None).
 
     Whitespace is collapsed and names that differ only in case are duplicates (CLIP's tokenizer lower-cases
     and splits on whitespace, so they would get identical embeddings); the first spelling is kept, with a
-    warning.
+    warning. With ``drop_duplicates=False`` a duplicate is an error instead, for callers whose class ids must
+    stay positions in the list as given (the processor).
 
     Raises:
         TypeError: ``class_names`` is a single string or holds something other than strings.
-        ValueError: no class names, an empty name, a name holding a line break, or ``background`` alone.
+        ValueError: no class names, an empty name, a name holding a line break, ``background`` alone, or a
+            duplicate with ``drop_duplicates=False``.
     """
     _refuse_non_lists(class_names)
     if isinstance(class_names, str):
@@ -138,6 +156,11 @@ def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None
         names.append(cleaned)
     if not names:
         raise ValueError("No class names were given; pass at least one, e.g. ['cat', 'sofa', 'background']")
+    if duplicates and not drop_duplicates:
+        raise ValueError(
+            f"Class names repeat (ignoring case): {duplicates}; class ids are positions in the list, so give "
+            "each class once"
+        )
     if duplicates:
         logger.warning(f"Duplicate class names ignored (the first spelling is kept): {duplicates}")
     lowered = [name.lower() for name in names]
@@ -147,66 +170,39 @@ def clean_class_names(class_names: Sequence[str]) -> tuple[list[str], int | None
     return names, background_index
 
 
-def _warn_truncated(names: Sequence[str], truncated: Sequence[bool], limit: int, where: str) -> None:
-    too_long = [name for name, cut in zip(names, truncated) if cut]
-    if too_long:
-        logger.warning(
-            f"Class names too long for the {where} ({limit} token positions including start and end) are "
-            f"truncated: {too_long}"
-        )
-
-
 @torch.no_grad()
 def encode_vocabulary(
     model: CoDeModel,
     processor: CoDeProcessor,
     class_names: Sequence[str],
     with_kp_embeddings: bool | None = None,
+    protocol: InferenceProtocol | None = None,
 ) -> VocabularyEmbeddings:
-    """Embed a vocabulary once.
+    """Embed a vocabulary once: ``processor.encode_text``, then the model's text encoders.
 
     Args:
         model: the CoDe model.
-        processor: its processor (only the tokenizer is used).
+        processor: its processor.
         class_names: class names in output order; ``background`` (any case) is the constant background map.
-        with_kp_embeddings: also compute the KP branch's template ensembles (template set
-            ``model.config.inference_template_set``); default: when ``model.config.kp_weight > 0``.
-
-    Long names are truncated with a warning: a prompted name keeps ``context_length - prompt_context_length``
-    positions, a templated one ``context_length``.
+            Duplicates (ignoring case) are dropped with a warning.
+        with_kp_embeddings: also compute the KP branch's template ensembles; default: when the protocol's
+            ``kp_weight > 0``.
+        protocol: its ``template_set`` picks the KP templates; default: the model's protocol.
     """
-    config = model.config
+    protocol = protocol or model.config.inference_protocol
+    with_kp_embeddings = protocol.kp_weight > 0 if with_kp_embeddings is None else with_kp_embeddings
     names, background_index = clean_class_names(class_names)
-    text_names = [name for index, name in enumerate(names) if index != background_index]
-    with_kp_embeddings = config.kp_weight > 0 if with_kp_embeddings is None else with_kp_embeddings
-    device = model.device
-
-    class_input_ids, _ = processor.tokenize_with_truncation_flags(text_names, config.context_length)
-    prompt_limit = config.context_length - config.prompt_context_length
-    _, prompt_truncated = processor.tokenize_with_truncation_flags(text_names, prompt_limit)
-    _warn_truncated(text_names, prompt_truncated, prompt_limit, "prompted class encoder")
-    class_embeddings = model.get_class_embeddings(class_input_ids.to(device))
-
+    text = processor.encode_text(names, protocol, with_kp_templates=with_kp_embeddings)
+    class_embeddings = model.get_class_embeddings(text["class_input_ids"].to(model.device))
     kp_class_embeddings = None
     if with_kp_embeddings:
-        templates = get_templates(config.inference_template_set)
-        prompts = [template.format(name) for name in text_names for template in templates]
-        template_input_ids, template_truncated = processor.tokenize_with_truncation_flags(
-            prompts, config.context_length
-        )
-        per_class_truncated = [
-            any(template_truncated[i : i + len(templates)]) for i in range(0, len(prompts), len(templates))
-        ]
-        _warn_truncated(text_names, per_class_truncated, config.context_length, "template prompts")
-        kp_class_embeddings = model.get_template_class_embeddings(
-            template_input_ids.to(device), len(templates)
-        )
+        kp_class_embeddings = model.get_kp_class_embeddings(text["kp_template_input_ids"].to(model.device))
     return VocabularyEmbeddings(
         class_names=tuple(names),
         background_index=background_index,
         class_embeddings=class_embeddings,
         kp_class_embeddings=kp_class_embeddings,
-        template_set=config.inference_template_set,
+        template_set=protocol.template_set,
     )
 
 
@@ -266,27 +262,32 @@ def _crop_padding(maps: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.
 # --------------------------------------------------------------------------------------------------------------
 # One window size
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _WindowSettings:
-    use_pamr: bool
-    kp_weight: float
+def _check_kp_embeddings(protocol: InferenceProtocol, kp_class_embeddings: torch.Tensor | None) -> None:
+    if protocol.kp_weight > 0 and kp_class_embeddings is None:
+        raise ValueError(
+            f"kp_weight={protocol.kp_weight} needs the KP branch's template embeddings: pass kp_template_input_ids "
+            "or kp_class_embeddings (encode_vocabulary(..., with_kp_embeddings=True)), or set kp_weight=0"
+        )
 
 
 def _refined_masks(
-    model: CoDeModel, padded: torch.Tensor, vocabulary: VocabularyEmbeddings, settings: _WindowSettings
+    model: CoDeModel,
+    padded: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    kp_class_embeddings: torch.Tensor | None,
+    protocol: InferenceProtocol,
 ) -> torch.Tensor:
     """Masks, PAMR and KP mix of padded windows [B, 3, H, W] (fp32) -> fp32 masks [B, N_text, 4h, 4w] (h x w patches)."""
-    config = model.config
-    kp_embeddings = vocabulary.kp_class_embeddings if settings.kp_weight > 0 else None
-    outputs = model.segment_window(padded.to(model.dtype), vocabulary.class_embeddings, kp_embeddings)
+    kp_embeddings = kp_class_embeddings if protocol.kp_weight > 0 else None
+    outputs = model.segment_window(padded.to(model.dtype), class_embeddings, kp_embeddings)
     masks = outputs.masks.float()
-    if settings.use_pamr:
-        masks = pamr(padded, masks, config.pamr_iterations, config.pamr_dilations)
+    if protocol.use_pamr:
+        masks = pamr(padded, masks, protocol.pamr_iterations, protocol.pamr_dilations)
     if kp_embeddings is not None:
         kp_masks = F.interpolate(
             outputs.kp_masks.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False
         )
-        masks = settings.kp_weight * kp_masks + (1 - settings.kp_weight) * masks
+        masks = protocol.kp_weight * kp_masks + (1 - protocol.kp_weight) * masks
     return masks
 
 
@@ -298,22 +299,18 @@ def _to_window_size(
     return _crop_padding(resized, pads)
 
 
-def _settings(
-    model: CoDeModel,
-    vocabulary: VocabularyEmbeddings,
-    use_pamr: bool | None,
-    kp_weight: float | None,
-) -> _WindowSettings:
-    config = model.config
-    kp_weight = config.kp_weight if kp_weight is None else float(kp_weight)
-    if not 0.0 <= kp_weight <= 1.0:
-        raise ValueError(f"kp_weight must be in [0, 1]; got {kp_weight}")
-    if kp_weight > 0 and vocabulary.kp_class_embeddings is None:
-        raise ValueError(
-            f"kp_weight={kp_weight} needs the KP branch's template embeddings; encode the vocabulary with "
-            "with_kp_embeddings=True"
+def _protocol(model: CoDeModel, protocol: InferenceProtocol | None, overrides: dict, where: str) -> InferenceProtocol:
+    """``protocol`` (default: the model's) with the keyword overrides of 0.1's signatures, which are deprecated."""
+    protocol = protocol or model.config.inference_protocol
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if given:
+        warnings.warn(
+            f"{where}({', '.join(f'{name}=...' for name in given)}) is deprecated and goes in 0.3: pass "
+            f"protocol=model.config.inference_protocol.replace({', '.join(f'{name}=...' for name in given)})",
+            FutureWarning,
+            stacklevel=3,
         )
-    return _WindowSettings(use_pamr=config.use_pamr if use_pamr is None else bool(use_pamr), kp_weight=kp_weight)
+    return protocol.replace(**given)
 
 
 @torch.no_grad()
@@ -321,38 +318,26 @@ def segment_window_scores(
     model: CoDeModel,
     pixel_values: torch.Tensor,
     vocabulary: VocabularyEmbeddings,
+    protocol: InferenceProtocol | None = None,
     use_pamr: bool | None = None,
     kp_weight: float | None = None,
 ) -> torch.Tensor:
     """Class scores of windows of one size: padding, masks, PAMR, KP mix, resize, padding cropped.
 
-    pixel_values [B, 3, H, W] normalised, any H, W -> fp32 scores [B, N_text, H, W] in [0, 1].
-    ``use_pamr`` / ``kp_weight`` default to the model config.
+    pixel_values [B, 3, H, W] normalised, any H, W -> fp32 scores [B, N_text, H, W] in [0, 1]. ``protocol``
+    defaults to the model's (``use_pamr`` / ``kp_weight`` are deprecated overrides).
     """
-    settings = _settings(model, vocabulary, use_pamr, kp_weight)
+    protocol = _protocol(model, protocol, {"use_pamr": use_pamr, "kp_weight": kp_weight}, "segment_window_scores")
+    _check_kp_embeddings(protocol, vocabulary.kp_class_embeddings)
     padded, pads = pad_to_multiple(pixel_values.to(model.device, torch.float32), model.config.patch_size)
-    return _to_window_size(_refined_masks(model, padded, vocabulary, settings), padded.shape[-2:], pads)
+    masks = _refined_masks(model, padded, vocabulary.class_embeddings, vocabulary.kp_class_embeddings, protocol)
+    return _to_window_size(masks, padded.shape[-2:], pads)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Whole images
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class CoDeSegmentationOutput(ModelOutput):
-    """Whole-image inference output.
-
-    Args:
-        logits: class scores in [0, 1] (probabilities, named ``logits`` for the transformers post-processing
-            convention), one map per class of the vocabulary in its order, background included as a constant
-            map: a tensor [B, N, H, W] when every image has the same processed size, else a list of B tensors
-            [N, H_i, W_i]. Sizes are those of ``pixel_values``; ``post_process_semantic_segmentation`` resizes
-            to the original sizes.
-    """
-
-    logits: torch.Tensor | list[torch.Tensor] | None = None
-
-
-def _image_list(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def image_list(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """[B, 3, H, W] or a list of [3, H_i, W_i] -> a checked list of [3, H_i, W_i]."""
     if isinstance(pixel_values, torch.Tensor):
         if pixel_values.dim() != 4:
@@ -376,13 +361,72 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value}")
+def insert_background(scores: torch.Tensor, background_index: int | None, threshold: float) -> torch.Tensor:
+    """The one place where ``background`` becomes a class: scores [N_text, H, W] -> [N_text + 1, H, W] with a
+    constant map of ``threshold`` at ``background_index`` (unchanged when it is None)."""
+    if background_index is None:
+        return scores
+    if not 0 <= background_index <= scores.shape[0]:
+        raise ValueError(f"background_index {background_index} is outside the {scores.shape[0] + 1} classes")
+    background = scores.new_full((1, *scores.shape[1:]), threshold)
+    return torch.cat([scores[:background_index], background, scores[background_index:]])
 
 
 @torch.no_grad()
+def sliding_window_scores(
+    model: CoDeModel,
+    pixel_values: torch.Tensor | Sequence[torch.Tensor],
+    class_embeddings: torch.Tensor,
+    kp_class_embeddings: torch.Tensor | None = None,
+    background_index: int | None = None,
+    protocol: InferenceProtocol | None = None,
+    window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+) -> list[torch.Tensor]:
+    """Sliding-window class scores of whole images (the protocol up to, not including, the final resize).
+
+    What ``CoDeModel.forward`` runs at inference; see there for the arguments. Windows of the same size from
+    every image share model calls of at most ``window_batch_size`` windows (bounding the memory of one call);
+    overlapping windows are averaged. Returns one fp32 tensor [N, H_i, W_i] per image, in [0, 1], with the
+    ``background`` map inserted at ``background_index``.
+    """
+    protocol = protocol or model.config.inference_protocol
+    _check_kp_embeddings(protocol, kp_class_embeddings)
+    if window_batch_size < 1:
+        raise ValueError(f"window_batch_size must be a positive integer; got {window_batch_size}")
+    images = [image.to(model.device, torch.float32) for image in image_list(pixel_values)]
+    class_embeddings = class_embeddings.to(model.device)
+    if kp_class_embeddings is not None:
+        kp_class_embeddings = kp_class_embeddings.to(model.device)
+
+    num_text_classes = class_embeddings.shape[0]
+    sums = [image.new_zeros(num_text_classes, *image.shape[-2:]) for image in images]
+    counts = [image.new_zeros(image.shape[-2:]) for image in images]
+    # Windows of the same size, from every image, share model calls.
+    groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
+    for index, image in enumerate(images):
+        for window in sliding_windows(*image.shape[-2:], protocol.window_size, protocol.window_stride):
+            groups.setdefault((window.height, window.width), []).append((index, window))
+    with model.prepared_for_inference():
+        for jobs in groups.values():
+            for batch in _batches(jobs, window_batch_size):
+                crops = torch.stack(
+                    [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
+                )
+                padded, pads = pad_to_multiple(crops, model.config.patch_size)
+                masks = _refined_masks(model, padded, class_embeddings, kp_class_embeddings, protocol)
+                for row, (index, window) in enumerate(batch):
+                    # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
+                    scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
+                    rows = slice(window.top, window.top + window.height)
+                    columns = slice(window.left, window.left + window.width)
+                    sums[index][:, rows, columns] += scores
+                    counts[index][rows, columns] += 1
+    return [
+        insert_background(summed.div_(count), background_index, protocol.background_threshold)
+        for summed, count in zip(sums, counts)
+    ]
+
+
 def segment_images(
     model: CoDeModel,
     pixel_values: torch.Tensor | Sequence[torch.Tensor],
@@ -393,84 +437,40 @@ def segment_images(
     window_size: int | None = None,
     window_stride: int | None = None,
     window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
-) -> CoDeSegmentationOutput:
-    """Sliding-window class scores of whole images (the protocol up to, not including, the final resize).
-
-    Args:
-        model: the CoDe model (any device and dtype; scores are accumulated in fp32).
-        pixel_values: images after the processor's evaluation transform: [B, 3, H, W] or a list of [3, H_i, W_i].
-        vocabulary: from ``encode_vocabulary``.
-        use_pamr, kp_weight, background_threshold, window_size, window_stride: default to the model config.
-        window_batch_size: windows per model call (windows of equal size from all images are batched); bounds
-            the memory of one call.
-
-    Returns:
-        ``CoDeSegmentationOutput`` with scores [N, H_i, W_i] per image, N = ``vocabulary.num_classes``.
-    """
-    config = model.config
-    settings = _settings(model, vocabulary, use_pamr, kp_weight)
-    threshold = config.background_threshold if background_threshold is None else float(background_threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"background_threshold must be in [0, 1] (scores are probabilities); got {threshold}"
-        )
-    window_size = config.window_size if window_size is None else int(window_size)
-    window_stride = config.window_stride if window_stride is None else int(window_stride)
-    _check_positive(window_size=window_size, window_stride=window_stride, window_batch_size=window_batch_size)
-    if window_stride > window_size:
-        raise ValueError(
-            f"window_stride ({window_stride}) larger than window_size ({window_size}) leaves gaps"
-        )
-    images = [image.to(model.device, torch.float32) for image in _image_list(pixel_values)]
-
-    num_text_classes = vocabulary.class_embeddings.shape[0]
-    sums = [image.new_zeros(num_text_classes, *image.shape[-2:]) for image in images]
-    counts = [image.new_zeros(image.shape[-2:]) for image in images]
-    # Windows of the same size, from every image, share model calls.
-    groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
-    for index, image in enumerate(images):
-        for window in sliding_windows(*image.shape[-2:], window_size, window_stride):
-            groups.setdefault((window.height, window.width), []).append((index, window))
-    with model.prepared_for_inference():
-        for jobs in groups.values():
-            for batch in _batches(jobs, window_batch_size):
-                crops = torch.stack(
-                    [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
-                )
-                padded, pads = pad_to_multiple(crops, config.patch_size)
-                masks = _refined_masks(model, padded, vocabulary, settings)
-                for row, (index, window) in enumerate(batch):
-                    # One full-size window map at a time: accumulators are the only [N, H, W] tensors kept.
-                    scores = _to_window_size(masks[row : row + 1], padded.shape[-2:], pads)[0]
-                    rows = slice(window.top, window.top + window.height)
-                    columns = slice(window.left, window.left + window.width)
-                    sums[index][:, rows, columns] += scores
-                    counts[index][rows, columns] += 1
-
-    logits = []
-    for summed, count in zip(sums, counts):
-        scores = summed.div_(count)
-        if vocabulary.background_index is not None:
-            at = vocabulary.background_index
-            background = scores.new_full((1, *scores.shape[1:]), threshold)
-            scores = torch.cat([scores[:at], background, scores[at:]])
-        logits.append(scores)
-    if len({tuple(scores.shape) for scores in logits}) == 1:
-        return CoDeSegmentationOutput(logits=torch.stack(logits))
-    return CoDeSegmentationOutput(logits=logits)
+):
+    """Deprecated (goes in 0.3): ``model(pixel_values=..., **vocabulary.model_inputs(), protocol=...)``."""
+    overrides = {
+        "use_pamr": use_pamr,
+        "kp_weight": kp_weight,
+        "background_threshold": background_threshold,
+        "window_size": window_size,
+        "window_stride": window_stride,
+    }
+    warnings.warn(
+        "segment_images is deprecated and goes in 0.3: call the model, "
+        "model(pixel_values=..., **vocabulary.model_inputs(), protocol=...)",
+        FutureWarning,
+        stacklevel=2,
+    )
+    protocol = model.config.inference_protocol.replace(**overrides)
+    return model(
+        pixel_values=pixel_values, **vocabulary.model_inputs(), protocol=protocol, window_batch_size=window_batch_size
+    )
 
 
 __all__ = [
     "BACKGROUND_CLASS",
-    "CoDeSegmentationOutput",
     "VocabularyEmbeddings",
     "Window",
     "clean_class_names",
     "encode_vocabulary",
+    "image_list",
+    "insert_background",
     "pad_to_multiple",
     "parse_class_list",
     "segment_images",
     "segment_window_scores",
+    "sliding_window_scores",
     "sliding_windows",
     "window_starts",
 ]

@@ -17,6 +17,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# The training loss terms, in the order they are summed. Each has a weight ``loss_{name}_weight`` in
+# ``CoDeConfig`` and a field ``loss_{name}`` in ``CoDeModelOutput`` (docs/method.md#losses).
+LOSS_NAMES = (
+    "kg",
+    "tcl_feature",
+    "tcl_image",
+    "tv_image",
+    "tv_mask",
+    "area_positive",
+    "area_negative",
+    "text_segmentation",
+    "hcl",
+)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Collectives
@@ -154,6 +168,7 @@ def text_segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, backgroun
 
 
 __all__ = [
+    "LOSS_NAMES",
     "area_prior_loss",
     "gather",
     "gather_with_grad",

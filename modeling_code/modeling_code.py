@@ -17,9 +17,9 @@ in ``tests/reference_implementations.py``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +29,12 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, CLIPTextConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
-from .configuration_code import CoDeConfig
+from .configuration_code import CoDeConfig, InferenceProtocol
+from .inference import DEFAULT_WINDOW_BATCH_SIZE, sliding_window_scores
 from .losses import (
+    LOSS_NAMES,
     _world,
     area_prior_loss,
     gather_with_grad,
@@ -53,6 +55,8 @@ from .ops import (
     total_variation,
     use_memory_lean_layers,
 )
+
+logger = logging.get_logger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,13 +153,48 @@ class CoDeTextMaskHead(nn.Module):
 # Outputs
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
-class CoDeModelOutput(ModelOutput):
-    """Training forward output.
+class CoDeSegmentationOutput(ModelOutput):
+    """Inference output of ``CoDeModel.forward``: per-class score maps of whole images.
 
     Args:
-        loss: weighted sum of every term below.
-        loss_*: each weighted loss term (already multiplied by its weight).
-        positive_masks: [N, H', W'] soft masks of each row's own noun.
+        scores: class scores in [0, 1], one map per class of the vocabulary in its order (``background`` as its
+            constant map at ``background_index``): probabilities after the masker, PAMR, the KP mix and the
+            averaging of overlapping windows, in fp32. A tensor [B, N, H, W] when every image has the same
+            processed size, else a list of B tensors [N, H_i, W_i]; sizes are those of ``pixel_values``.
+        original_sizes: ``(height, width)`` of each image as the processor received it (passed through from the
+            processor), which ``post_process_semantic_segmentation`` resizes to by default; None if not given.
+        class_embeddings: [N_text, C] the prompted class embeddings used (``background`` has none): pass them
+            back with the next images to skip the text encoders.
+        kp_class_embeddings: [N_text, C] the template-ensemble embeddings of the KP branch, or None when the
+            protocol's ``kp_weight`` is 0.
+    """
+
+    scores: torch.Tensor | list[torch.Tensor] | None = None
+    original_sizes: list[tuple[int, int]] | None = None
+    class_embeddings: torch.Tensor | None = None
+    kp_class_embeddings: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor | list[torch.Tensor] | None:
+        """Deprecated name of ``scores`` (goes in 0.3): the maps are probabilities, not logits."""
+        warnings.warn(
+            "CoDeSegmentationOutput.logits is deprecated and goes in 0.3; read .scores (probabilities)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.scores
+
+
+@dataclass
+class CoDeModelOutput(ModelOutput):
+    """Training output of ``CoDeModel.forward(..., return_loss=True)``.
+
+    Args:
+        loss: [] the weighted sum of every term below.
+        loss_{name}: [] each weighted loss term (already multiplied by its weight ``config.loss_{name}_weight``),
+            for every name of ``losses.LOSS_NAMES``; a term weighted 0 is a zero, not computed.
+        positive_masks: [N, H', W'] soft masks of each row's own noun (N = K * B noun rows, H' x W' the masker's
+            resolution).
         text_masks: [B, K, L] word-highlighting masks of the selected nouns (None when both co-decomposition
             terms are weighted 0, and so not computed).
     """
@@ -454,8 +493,16 @@ class CoDeModel(CoDePreTrainedModel):
     def get_class_embeddings(self, class_input_ids: torch.Tensor) -> torch.Tensor:
         """Prompted class embeddings for the masker: [N_cls, L] -> [N_cls, C] (``encode_nouns`` without gradient).
 
-        Start token and learned context, the same for every class, run once.
+        Start token and learned context, the same for every class, run once. A name too long for the prompted
+        encoder (``L - prompt_context_length`` positions) is cut, with a warning.
         """
+        limit = self.config.context_length - self.config.prompt_context_length
+        truncated = (self.eos_positions(class_input_ids) >= limit).nonzero().flatten().tolist()
+        if truncated:
+            logger.warning(
+                f"Class names too long for the prompted class encoder ({limit} token positions including start and "
+                f"end) are truncated: rows {truncated} of class_input_ids"
+            )
         embeddings, eos_index = self.prompt_learner(class_input_ids, self.clip.text_model.embeddings.token_embedding)
         prefix_length = min(1 + self.config.prompt_context_length, int(eos_index.min()))
         return self.encode_text_groups([(embeddings, eos_index, prefix_length)])[0]
@@ -472,6 +519,20 @@ class CoDeModel(CoDePreTrainedModel):
         groups = [self._template_group(by_template[:, index]) for index in range(num_templates)]
         embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
         return F.normalize(embeddings.mean(1), dim=-1)
+
+    @torch.no_grad()
+    def get_kp_class_embeddings(self, kp_template_input_ids: torch.Tensor) -> torch.Tensor:
+        """The KP branch's class embeddings from the processor's ``kp_template_input_ids`` [N_text, T, L]
+        (each class in T templates) -> [N_text, C]."""
+        if kp_template_input_ids.dim() != 3:
+            raise ValueError(
+                f"kp_template_input_ids must be [N_text, T, L] (classes, templates, positions); got "
+                f"{tuple(kp_template_input_ids.shape)}"
+            )
+        num_classes, num_templates, length = kp_template_input_ids.shape
+        return self.get_template_class_embeddings(
+            kp_template_input_ids.reshape(num_classes * num_templates, length), num_templates
+        )
 
     # ---------------------------------------------------------------- inference building block
     @contextlib.contextmanager
@@ -526,25 +587,154 @@ class CoDeModel(CoDePreTrainedModel):
             kp_masks = torch.sigmoid((cosine - self.config.kp_cos_offset) * self.config.kp_cos_scale)
         return CoDeWindowOutput(masks=masks, kp_masks=kp_masks)
 
-    # ---------------------------------------------------------------- training forward (docs/method.md#losses)
+    # ---------------------------------------------------------------- forward
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        caption_input_ids: torch.Tensor,
-        noun_input_ids: torch.Tensor,
-        template_input_ids: torch.Tensor,
-        text_labels: torch.Tensor,
-    ) -> CoDeModelOutput:
-        """One training step's losses.
+        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        class_input_ids: torch.Tensor | None = None,
+        kp_template_input_ids: torch.Tensor | None = None,
+        background_index: int | None = None,
+        original_sizes: Sequence[Sequence[int]] | None = None,
+        class_embeddings: torch.Tensor | None = None,
+        kp_class_embeddings: torch.Tensor | None = None,
+        protocol: InferenceProtocol | None = None,
+        window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+        caption_input_ids: torch.Tensor | None = None,
+        noun_input_ids: torch.Tensor | None = None,
+        kg_template_input_ids: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        return_loss: bool = False,
+        **deprecated: torch.Tensor,
+    ) -> CoDeSegmentationOutput | CoDeModelOutput:
+        r"""Segment whole images into the classes of one vocabulary or, with ``return_loss=True``, compute the
+        training losses of a batch of image-caption pairs.
+
+        Inference (the processor's output goes straight in; docs/method.md#inference-protocol):
+
+        Args:
+            pixel_values: images after the processor's evaluation resize: [B, 3, H, W], or a list of [3, H_i, W_i]
+                when their sizes differ. In training: [B, 3, S, S] crops.
+            class_input_ids: [N_text, L] the class names' token ids (``background`` has none).
+            kp_template_input_ids: [N_text, T, L] each class in the T prompt templates of the KP branch.
+            background_index: position of ``background`` in the vocabulary (a constant map of the protocol's
+                ``background_threshold``), or None.
+            original_sizes: ``(height, width)`` of each image as given to the processor; returned for the
+                post-processing.
+            class_embeddings, kp_class_embeddings: [N_text, C] precomputed instead of the token ids (as returned
+                in the output, or by ``inference.encode_vocabulary``): a vocabulary is then encoded once for
+                any number of calls.
+            protocol: windows, PAMR, KP weight and background threshold; default: ``config.inference_protocol``.
+                Overrides: ``model.config.inference_protocol.replace(use_pamr=False)``.
+            window_batch_size: windows per pass of the model (bounds the memory of one call).
+
+        Training (docs/method.md#losses), with ``return_loss=True``:
 
         Args:
             pixel_values: [B, 3, S, S] training crops.
             caption_input_ids: [B, L] caption tokens (padded with 0).
             noun_input_ids: [N, L] the K sampled nouns of each caption, noun-major (row ``k * B + b``).
-            template_input_ids: [N, L] each noun in a random ImageNet template (kg loss), same layout.
+            kg_template_input_ids: [N, L] each noun in a random template of the kg loss, same layout.
             text_labels: [B, L] pseudo text labels: -1 ignore, 0 other nouns, k for the k-th sampled noun.
+
+        Returns:
+            ``CoDeSegmentationOutput`` (inference) or ``CoDeModelOutput`` (training).
+
+        Example:
+
+        ```python
+        >>> from PIL import Image
+        >>> from modeling_code import CoDeModel, CoDeProcessor
+
+        >>> model = CoDeModel.from_pretrained("path/or/hub-id")  # or AutoModel with trust_remote_code=True
+        >>> processor = CoDeProcessor.from_pretrained("path/or/hub-id")
+        >>> image = Image.open("cat.jpg")
+        >>> inputs = processor(images=image, text=["cat", "sofa", "background"], return_tensors="pt")
+        >>> outputs = model(**inputs)
+        >>> label_maps = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])
+        >>> label_maps[0].shape  # [H, W] class ids: 0 cat, 1 sofa, 2 background
+        ```
         """
+        if "template_input_ids" in deprecated:
+            warnings.warn(
+                "CoDeModel.forward(template_input_ids=...) is deprecated and goes in 0.3: the kg loss's templates "
+                "are kg_template_input_ids, with return_loss=True",
+                FutureWarning,
+                stacklevel=2,
+            )
+            kg_template_input_ids = deprecated.pop("template_input_ids")
+            return_loss = True
+        if deprecated:
+            raise TypeError(f"CoDeModel.forward got unexpected arguments {sorted(deprecated)}")
+        if pixel_values is None:
+            raise ValueError("CoDeModel.forward needs pixel_values (from the processor)")
+        training_inputs = {
+            "caption_input_ids": caption_input_ids,
+            "noun_input_ids": noun_input_ids,
+            "kg_template_input_ids": kg_template_input_ids,
+            "text_labels": text_labels,
+        }
+        if return_loss:
+            missing = [name for name, value in training_inputs.items() if value is None]
+            if missing:
+                raise ValueError(f"return_loss=True needs the training inputs {missing}")
+            return self._training_losses(pixel_values, caption_input_ids, noun_input_ids, kg_template_input_ids,
+                                         text_labels)
+        given = [name for name, value in training_inputs.items() if value is not None]
+        if given:
+            raise ValueError(f"{given} are training inputs: pass return_loss=True to compute the losses")
+        return self._segment(
+            pixel_values, class_input_ids, kp_template_input_ids, background_index, original_sizes,
+            class_embeddings, kp_class_embeddings, protocol or self.config.inference_protocol, window_batch_size,
+        )
+
+    @torch.no_grad()
+    def _segment(
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        class_input_ids: torch.Tensor | None,
+        kp_template_input_ids: torch.Tensor | None,
+        background_index: int | None,
+        original_sizes: Sequence[Sequence[int]] | None,
+        class_embeddings: torch.Tensor | None,
+        kp_class_embeddings: torch.Tensor | None,
+        protocol: InferenceProtocol,
+        window_batch_size: int,
+    ) -> CoDeSegmentationOutput:
+        """Inference forward; see ``forward``."""
+        # 1. the vocabulary: given embeddings, else encoded from the token ids (KP templates only when weighted)
+        if class_embeddings is None:
+            if class_input_ids is None:
+                raise ValueError("Give the vocabulary: class_input_ids (the processor's text=...) or class_embeddings")
+            class_embeddings = self.get_class_embeddings(class_input_ids.to(self.device))
+        if kp_class_embeddings is None and kp_template_input_ids is not None and protocol.kp_weight > 0:
+            kp_class_embeddings = self.get_kp_class_embeddings(kp_template_input_ids.to(self.device))
+        # 2. sliding windows: masks, PAMR, KP mix, overlaps averaged, background inserted
+        scores = sliding_window_scores(
+            self, pixel_values, class_embeddings, kp_class_embeddings, background_index, protocol, window_batch_size
+        )
+        # 3. one tensor when every image has the same processed size
+        if len({tuple(maps.shape) for maps in scores}) == 1:
+            scores = torch.stack(scores)
+        sizes = None if original_sizes is None else [tuple(int(side) for side in size) for size in original_sizes]
+        return CoDeSegmentationOutput(
+            scores=scores,
+            original_sizes=sizes,
+            class_embeddings=class_embeddings,
+            kp_class_embeddings=kp_class_embeddings,
+        )
+
+    def _training_losses(
+        self,
+        pixel_values: torch.Tensor,
+        caption_input_ids: torch.Tensor,
+        noun_input_ids: torch.Tensor,
+        kg_template_input_ids: torch.Tensor,
+        text_labels: torch.Tensor,
+    ) -> CoDeModelOutput:
+        """Training forward; see ``forward``. A term weighted 0 is not computed, nor is a pass that only such
+        terms need (the TCL-only ablation skips word highlighting and the highlighted captions)."""
         config = self.config
+        weights = {name: getattr(config, f"loss_{name}_weight") for name in LOSS_NAMES}
         batch_size = pixel_values.shape[0]
         num_words = noun_input_ids.shape[0] // batch_size
 
@@ -556,7 +746,7 @@ class CoDeModel(CoDePreTrainedModel):
         # 3. prompted noun embeddings t [N, C]; frozen template embeddings for the kg loss
         noun_embeddings = self.encode_nouns(noun_input_ids)
         with torch.no_grad():
-            template_embeddings = self.encode_text(template_input_ids)
+            template_embeddings = self.encode_text(kg_template_input_ids)
 
         # 4. every row against every noun of the global batch -> soft/hard masks [N, N_global, H', W']
         rank, _ = _world()
@@ -571,54 +761,54 @@ class CoDeModel(CoDePreTrainedModel):
         excluded = same_noun_pairs(noun_input_ids, positive) if config.exclude_same_noun_negatives else None
         hard_positive_masks = gumbel_sigmoid_straight_through(positive_logits, config.gumbel_tau, config.gumbel_noise)
 
-        # 5. the loss terms. A term weighted 0 is not computed, nor is a pass that only such terms need: the
-        # TCL-only ablation skips word highlighting and the highlighted captions.
-        # 5a. image side: mask-pooled features vs nouns, region highlighting (hard positive masks)
-        region_embeddings = functools.cache(
-            lambda: self._highlight_regions(pixel_values, hard_positive_masks, num_words)
-        )
-        # 5b. text side: word highlighting and highlighted captions
-        highlighted_words = functools.cache(
-            lambda: self._highlight_words(caption_input_ids, noun_embeddings, num_words)
-        )
-        terms = {
-            "kg": lambda: 1 - (noun_embeddings * template_embeddings).sum(-1).mean(),
-            "tcl_feature": lambda: symmetric_infonce(
+        # 5. the highlighting passes, only when a weighted term needs them
+        region_embeddings = None  # image side: each row's image kept under its hard mask [N, C]
+        if weights["tcl_image"] or weights["hcl"]:
+            region_embeddings = self._highlight_regions(pixel_values, hard_positive_masks, num_words)
+        word_logits = highlighted_captions = None  # text side: word highlighting, highlighted captions
+        if weights["text_segmentation"] or weights["hcl"]:
+            word_logits, highlighted_captions = self._highlight_words(caption_input_ids, noun_embeddings, num_words)
+
+        # 6. the loss terms, in LOSS_NAMES order
+        terms = {}
+        if weights["kg"]:
+            terms["kg"] = 1 - (noun_embeddings * template_embeddings).sum(-1).mean()
+        if weights["tcl_feature"]:
+            terms["tcl_feature"] = symmetric_infonce(
                 tcl_feature_logits(image_embeddings, soft_masks, all_noun_embeddings,
                                    self._logit_scale(self.tcl_feature_logit_scale), config.mask_pool_eps),
                 excluded,
-            ),
-            "tcl_image": lambda: symmetric_infonce(
-                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings() @ all_noun_embeddings.t(),
+            )
+        if weights["tcl_image"]:
+            terms["tcl_image"] = symmetric_infonce(
+                self._logit_scale(self.tcl_image_logit_scale) * region_embeddings @ all_noun_embeddings.t(), excluded
+            )
+        if weights["tv_image"]:
+            terms["tv_image"] = total_variation(image_embeddings)
+        if weights["tv_mask"]:
+            terms["tv_mask"] = total_variation(soft_masks)
+        if weights["area_positive"]:
+            terms["area_positive"] = area_prior_loss(soft_masks[positive], config.area_positive_prior)
+        if weights["area_negative"]:
+            terms["area_negative"] = area_prior_loss(soft_masks[~positive], config.area_negative_prior)
+        if weights["text_segmentation"]:
+            terms["text_segmentation"] = text_segmentation_loss(
+                word_logits, text_labels, config.text_segmentation_background_weight
+            )
+        if weights["hcl"]:
+            terms["hcl"] = symmetric_infonce(
+                self._logit_scale(self.hcl_logit_scale) * highlighted_captions @ gather_with_grad(region_embeddings).t(),
                 excluded,
-            ),
-            "tv_image": lambda: total_variation(image_embeddings),
-            "tv_mask": lambda: total_variation(soft_masks),
-            "area_positive": lambda: area_prior_loss(soft_masks[positive], config.area_positive_prior),
-            "area_negative": lambda: area_prior_loss(soft_masks[~positive], config.area_negative_prior),
-            "text_segmentation": lambda: text_segmentation_loss(
-                highlighted_words()[0], text_labels, config.text_segmentation_background_weight
-            ),
-            "hcl": lambda: symmetric_infonce(
-                self._logit_scale(self.hcl_logit_scale)
-                * highlighted_words()[1]
-                @ gather_with_grad(region_embeddings()).t(),
-                excluded,
-            ),
-        }
-        weights = {name: getattr(config, f"loss_{name}_weight") for name in terms}
+            )
         weighted = {
-            f"loss_{name}": weight * terms[name]() if weight else soft_masks.new_zeros(())
-            for name, weight in weights.items()
+            f"loss_{name}": weights[name] * terms[name] if name in terms else soft_masks.new_zeros(())
+            for name in LOSS_NAMES
         }
-        text_masks = None
-        if highlighted_words.cache_info().currsize:
-            text_masks = highlighted_words()[0].softmax(1)[:, 1:].detach()
         return CoDeModelOutput(
             loss=sum(weighted.values()),
             **weighted,
             positive_masks=soft_masks[positive].view(num_rows, *soft_masks.shape[2:]).detach(),
-            text_masks=text_masks,
+            text_masks=None if word_logits is None else word_logits.softmax(1)[:, 1:].detach(),
         )
 
     # ---------------------------------------------------------------- training helpers
@@ -663,4 +853,11 @@ class CoDeModel(CoDePreTrainedModel):
         return logits, highlighted
 
 
-__all__ = ["CoDeConfig", "CoDeModel", "CoDeModelOutput", "CoDePreTrainedModel", "CoDeWindowOutput"]
+__all__ = [
+    "CoDeConfig",
+    "CoDeModel",
+    "CoDeModelOutput",
+    "CoDePreTrainedModel",
+    "CoDeSegmentationOutput",
+    "CoDeWindowOutput",
+]

@@ -1,7 +1,7 @@
 """``CoDeProcessor``: images, captions and class names -> the tensors the CoDe model consumes.
 
 It pairs a ``CoDeImageProcessor`` with a CLIP BPE tokenizer and adds the text decomposition of the
-training data (spec §2.1): caption nouns, K sampled nouns, their prompt templates and pseudo word
+training data (docs/method.md#training-data): caption nouns, K sampled nouns, their prompt templates and pseudo word
 labels. Token sequences are CLIP's: SOS, tokens, EOS, padded with id 0 (not the EOS id that
 transformers' CLIP tokenizers pad with; the non-causal text decoder sees the padding).
 """
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature, CLIPTokenizer
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import cached_file
 
 from .configuration_code import PROTOCOL_CONFIG_FIELDS, CoDeConfig, InferenceProtocol
 from .image_processing_code import CoDeImageProcessor, ImageLike
@@ -100,7 +101,7 @@ def bpe_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[list[i
 
 
 def clip_token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, list[bool]]:
-    """CLIP token ids as CoDe uses them: SOS, BPE tokens, EOS, then 0 up to ``context_length`` (spec §1.1).
+    """CLIP token ids as CoDe uses them: SOS, BPE tokens, EOS, then 0 up to ``context_length`` (docs/method.md#text-side).
 
     Texts that do not fit are cut with EOS kept as the last token. Returns ``(ids [N, L], truncated flags)``.
     """
@@ -133,10 +134,10 @@ def _saved_protocol(
         "template_set": processor_dict.pop("inference_template_set", None),
     }
     legacy = {name: value for name, value in legacy.items() if value is not None}
-    try:
-        protocol = CoDeConfig.from_pretrained(path, **loading_kwargs).inference_protocol
-    except OSError:  # no config.json: a processor saved on its own
-        return InferenceProtocol().replace(**legacy)
+    # transformers builds a default config from a folder without config.json: look for the file itself
+    if cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **loading_kwargs) is None:
+        return InferenceProtocol().replace(**legacy)  # a processor saved on its own
+    protocol = CoDeConfig.from_pretrained(path, **loading_kwargs).inference_protocol
     disagreeing = {name: value for name, value in legacy.items() if getattr(protocol, name) != value}
     if disagreeing:
         logger.warning(
@@ -260,7 +261,7 @@ class CoDeProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------- training
 
     def prepare_training_sample(self, image: ImageLike, caption: str, rng: random.Random) -> dict[str, torch.Tensor]:
-        """One training example (spec §2.1).
+        """One training example (docs/method.md#training-data).
 
         The noun check runs before the image is decoded, so unusable captions cost no decoding.
 
@@ -344,9 +345,9 @@ class CoDeProcessor(ProcessorMixin):
         Returns:
             ``BatchFeature`` with, for images, ``pixel_values`` (a tensor [B, 3, H, W], or a list of [3, H_i, W_i]
             when sizes differ) and ``original_sizes`` (``(height, width)`` of each image as given); for text,
-            ``class_input_ids`` [N_text, L] (the prompted class names, ``background`` left out),
-            ``kp_template_input_ids`` [N_text * T, L] class-major (row n * T + t is template t of class n) and
-            ``background_index`` (position of ``background`` in the list, or None).
+            ``class_input_ids`` [N_text, L] (the class names, ``background`` left out),
+            ``kp_template_input_ids`` [N_text, T, L] (each class in the T templates of the protocol's template
+            set) and ``background_index`` (position of ``background`` in the list, or None).
         """
         if "class_names" in deprecated:
             warnings.warn(
@@ -369,19 +370,42 @@ class CoDeProcessor(ProcessorMixin):
             data.update(self.encode_text(text, protocol))
         return BatchFeature(data)
 
-    def encode_text(self, text: str | Sequence[str], protocol: InferenceProtocol | None = None) -> dict[str, Any]:
-        """The text part of ``__call__``: ``class_input_ids``, ``kp_template_input_ids``, ``background_index``."""
+    def encode_text(
+        self,
+        text: str | Sequence[str],
+        protocol: InferenceProtocol | None = None,
+        with_kp_templates: bool = True,
+    ) -> dict[str, Any]:
+        """The text part of ``__call__``.
+
+        Returns:
+            ``class_input_ids`` [N_text, L], ``kp_template_input_ids`` [N_text, T, L] (each class in the T
+            templates of the protocol's template set; left out with ``with_kp_templates=False``) and
+            ``background_index``. A name too long for a template is cut, with a warning naming it.
+
+        Raises:
+            ValueError / TypeError: a bad class list (see ``inference.clean_class_names``); names repeating
+                (ignoring case) are refused, since class ids are positions in the list.
+        """
         names = parse_class_list(text) if isinstance(text, str) else text
-        names, background_index = clean_class_names(names)
+        names, background_index = clean_class_names(names, drop_duplicates=False)
         text_names = [name for index, name in enumerate(names) if index != background_index]
-        templates = get_templates((protocol or self.inference_protocol).template_set)
-        return {
-            "class_input_ids": self.tokenize(text_names),
-            "kp_template_input_ids": self.tokenize(
-                [template.format(name) for name in text_names for template in templates]
-            ),
-            "background_index": background_index,
-        }
+        encoded: dict[str, Any] = {"class_input_ids": self.tokenize(text_names), "background_index": background_index}
+        if with_kp_templates:
+            templates = get_templates((protocol or self.inference_protocol).template_set)
+            prompts = [template.format(name) for name in text_names for template in templates]
+            input_ids, truncated = self.tokenize_with_truncation_flags(prompts)
+            count = len(templates)
+            too_long = [name for row, name in enumerate(text_names) if any(truncated[row * count : (row + 1) * count])]
+            if too_long:
+                logger.warning(
+                    "Class names too long for the template prompts (%d token positions including start and end) "
+                    "are truncated: %s",
+                    self.context_length,
+                    too_long,
+                )
+            encoded["kp_template_input_ids"] = input_ids.view(len(text_names), len(templates), -1)
+        return encoded
 
     def post_process_semantic_segmentation(
         self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None

@@ -2,7 +2,7 @@
 
 Each template holds one ``{}`` that receives the noun. ``"imagenet"`` is CLIP's 80-prompt ImageNet
 ensemble (used to build the text targets of the knowledge-guidance loss during training);
-``"custom"`` is the 9-prompt set that CoDe evaluates with (spec §3.1): the 7 "subset" ImageNet
+``"custom"`` is the 9-prompt set that CoDe evaluates with (docs/method.md#vocabulary): the 7 "subset" ImageNet
 prompts plus two plural-style ones.
 """
 

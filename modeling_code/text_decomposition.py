@@ -1,4 +1,4 @@
-"""Text side of the data pipeline (spec §2.1): caption nouns, noun sampling and pseudo word labels.
+"""Text side of the data pipeline (docs/method.md#training-data): caption nouns, noun sampling and pseudo word labels.
 
 A caption is decomposed into its distinct nouns (Penn Treebank tags NN, NNS, NNP, NNPS from spaCy's
 tagger; single letters dropped). K of them are sampled per training step, and every CLIP token of

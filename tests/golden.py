@@ -57,17 +57,15 @@ def load_golden_model():
 
 
 def _inference_outputs(model, processor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from modeling_code.inference import encode_vocabulary, segment_images
+    from modeling_code.inference import encode_vocabulary
 
     model.eval()
     vocabulary = encode_vocabulary(model, processor, VOCABULARY, with_kp_embeddings=True)
     window = model.segment_window(inputs["windows"], vocabulary.class_embeddings, vocabulary.kp_class_embeddings)
     images = [Image.fromarray(inputs[f"image_{index}"].numpy()) for index in range(2)]
-    processed = processor.image_processor.preprocess(images)
-    segmentation = segment_images(model, processed["pixel_values"], vocabulary)
-    label_maps = processor.image_processor.post_process_semantic_segmentation(
-        segmentation, target_sizes=processed["original_sizes"]
-    )
+    processed = processor(images=images, return_tensors="pt")
+    segmentation = model(**processed, **vocabulary.model_inputs())
+    label_maps = processor.post_process_semantic_segmentation(segmentation)
     outputs = {
         "class_embeddings": vocabulary.class_embeddings,
         "kp_class_embeddings": vocabulary.kp_class_embeddings,
@@ -75,7 +73,7 @@ def _inference_outputs(model, processor, inputs: dict[str, torch.Tensor]) -> dic
         "window_kp_masks": window.kp_masks,
     }
     for index in range(2):
-        outputs[f"scores_{index}"] = segmentation.logits[index]
+        outputs[f"scores_{index}"] = segmentation.scores[index]
         outputs[f"labels_{index}"] = label_maps[index]
     return outputs
 
@@ -86,8 +84,13 @@ def _training_outputs(model, inputs: dict[str, torch.Tensor], noise: bool) -> di
     model.set_masker_backbone_trainable(True)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)
-    batch = {key: inputs[key] for key in ("caption_input_ids", "noun_input_ids", "template_input_ids", "text_labels")}
-    output = model(pixel_values=inputs["train_pixel_values"], **batch)
+    batch = {key: inputs[key] for key in ("caption_input_ids", "noun_input_ids", "text_labels")}
+    output = model(
+        pixel_values=inputs["train_pixel_values"],
+        kg_template_input_ids=inputs["template_input_ids"],
+        return_loss=True,
+        **batch,
+    )
     output.loss.backward()
     prefix = "noise" if noise else "plain"
     outputs = {f"{prefix}.{name}": value.detach() for name, value in output.items() if name.startswith("loss")}

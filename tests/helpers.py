@@ -72,9 +72,23 @@ def save_tiny_model(directory, clip_dir, tokenizer):
     torch.manual_seed(0)
     model = CoDeModel.from_clip(str(clip_dir), tokenizer=tokenizer, **TINY_CODE_OVERRIDES, **TINY_INFERENCE)
     model.save_pretrained(directory)
-    image_processor = CoDeImageProcessor(eval_short_side=64, eval_max_long_side=128, train_crop_size=32)
+    image_processor = CoDeImageProcessor(train_crop_size=32)
     CoDeProcessor(image_processor, tokenizer).save_pretrained(directory)
     return directory
+
+
+# Run in a fresh interpreter where importing the package (or spaCy) fails: only the folder's own code can load it.
+NO_PACKAGE_PRELUDE = """
+import importlib.abc, sys
+class HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        # spaCy too: only training decomposes captions; loading and segmenting must not need it
+        if name.split(".")[0] in ("modeling_code", "spacy"):
+            raise ImportError(f"No module named {name!r} (hidden in this test)")
+sys.meta_path.insert(0, HidePackage())
+from PIL import Image
+Image.new("RGB", (90, 70), (40, 160, 60)).save("photo.jpg")
+"""
 
 
 # EXIF orientation -> the transposition that turns the upright picture into the stored pixels (the inverse of

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
+from modeling_code.configuration_code import InferenceProtocol
 from modeling_code.image_processing_code import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,7 +28,11 @@ from modeling_code.image_processing_code import (
 
 @pytest.fixture(scope="module")
 def processor() -> CoDeImageProcessor:
-    return CoDeImageProcessor(train_crop_size=32, eval_short_side=24, eval_max_long_side=64)
+    return CoDeImageProcessor(train_crop_size=32)
+
+
+# The evaluation resize of these tests: short side 24, long side at most 64.
+SMALL = InferenceProtocol(short_side=24, max_long_side=64)
 
 
 def rgb_at(image: Image.Image, x: int = 0, y: int = 0) -> tuple[int, int, int]:
@@ -330,13 +335,13 @@ def test_keep_ratio_size_properties(height, width):
 
 
 def test_eval_transform_sizes_and_cap(processor):
-    assert processor.eval_size(30, 40) == (24, 32)
-    assert processor.preprocess_eval(Image.new("RGB", (40, 30))).shape == (3, 24, 32)
-    assert processor.preprocess_eval(np.zeros((10, 100, 3), np.uint8)).shape == (3, 6, 64)
+    assert processor.eval_size(30, 40, SMALL) == (24, 32)
+    assert processor.preprocess_eval(Image.new("RGB", (40, 30)), SMALL).shape == (3, 24, 32)
+    assert processor.preprocess_eval(np.zeros((10, 100, 3), np.uint8), SMALL).shape == (3, 6, 64)
 
 
 def test_eval_transform_normalises_a_constant_image(processor):
-    pixels = processor.preprocess_eval(Image.new("RGB", (50, 70), (100, 150, 200)))
+    pixels = processor.preprocess_eval(Image.new("RGB", (50, 70), (100, 150, 200)), SMALL)
     expected = normalised((100, 150, 200)).view(3, 1, 1).expand_as(pixels)
     torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
 
@@ -346,21 +351,34 @@ def test_eval_resize_is_bilinear_without_antialiasing():
     # An antialiased (PIL) resize would average their zero neighbours in and give much less.
     image = np.zeros((6, 6, 3), np.uint8)
     image[:, [1, 4]] = 90
-    pixels = CoDeImageProcessor(eval_short_side=2).preprocess_eval(image)
+    pixels = CoDeImageProcessor().preprocess_eval(image, InferenceProtocol(short_side=2))
     assert pixels.shape == (3, 2, 2)
     expected = normalised((90, 90, 90)).view(3, 1, 1).expand(3, 2, 2)
     torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
 
 
+def test_the_paper_protocol_is_the_default_resize():
+    assert CoDeImageProcessor().eval_size(300, 500) == (448, 747)
+    assert CoDeImageProcessor().eval_size(100, 5000) == (41, 2048)
+
+
+def test_the_resize_of_0_1_is_deprecated_but_still_applied():
+    with pytest.warns(FutureWarning, match="eval_short_side"):
+        legacy = CoDeImageProcessor(eval_short_side=24, eval_max_long_side=64)
+    assert legacy.eval_size(30, 40) == (24, 32)  # a processor used on its own keeps what it was built with
+    assert legacy.eval_size(30, 40, InferenceProtocol()) == (448, 597)  # a given protocol wins
+    assert "eval_short_side" not in legacy.to_dict()
+
+
 def test_preprocess_batches_equal_sizes_and_lists_others(processor):
-    same = processor([Image.new("RGB", (40, 30)), np.zeros((60, 80, 3), np.uint8)])
+    same = processor([Image.new("RGB", (40, 30)), np.zeros((60, 80, 3), np.uint8)], protocol=SMALL)
     assert isinstance(same["pixel_values"], torch.Tensor)
     assert same["pixel_values"].shape == (2, 3, 24, 32)
     assert same["original_sizes"] == [(30, 40), (60, 80)]
-    mixed = processor.preprocess([Image.new("RGB", (40, 30)), Image.new("RGB", (30, 40))])
+    mixed = processor.preprocess([Image.new("RGB", (40, 30)), Image.new("RGB", (30, 40))], protocol=SMALL)
     assert isinstance(mixed["pixel_values"], list)
     assert [tuple(p.shape) for p in mixed["pixel_values"]] == [(3, 24, 32), (3, 32, 24)]
-    single = processor(Image.new("RGB", (40, 30)))
+    single = processor(Image.new("RGB", (40, 30)), protocol=SMALL)
     assert single["pixel_values"].shape == (1, 3, 24, 32)
     with pytest.raises(ValueError, match="return_tensors"):
         processor.preprocess(Image.new("RGB", (4, 4)), return_tensors="np")
@@ -374,30 +392,35 @@ def test_post_process_resizes_and_takes_the_argmax(processor):
     scores[0, 1] = 0.9  # image 0: class 1 everywhere
     scores[1, 2, :, :2] = 0.8  # image 1: class 2 on the left half, class 0 (all zero: first) elsewhere
     labels = processor.post_process_semantic_segmentation(
-        SimpleNamespace(logits=scores), target_sizes=[(8, 6), (4, 4)]
+        SimpleNamespace(scores=scores), target_sizes=[(8, 6), (4, 4)]
     )
     assert [tuple(label.shape) for label in labels] == [(8, 6), (4, 4)]
     assert all(label.dtype == torch.long for label in labels)
     assert (labels[0] == 1).all()
     assert (labels[1][:, :2] == 2).all() and (labels[1][:, 2:] == 0).all()
-    unresized = processor.post_process_semantic_segmentation(SimpleNamespace(logits=scores))
+    unresized = processor.post_process_semantic_segmentation(SimpleNamespace(scores=scores))
     assert [tuple(label.shape) for label in unresized] == [(4, 4), (4, 4)]
+    # without target sizes: the sizes the processor saw, passed through the model's output
+    seen = processor.post_process_semantic_segmentation(SimpleNamespace(scores=scores, original_sizes=[(8, 6), (2, 2)]))
+    assert [tuple(label.shape) for label in seen] == [(8, 6), (2, 2)]
+    assert (seen[0] == 1).all()
 
 
-def test_post_process_background_threshold_shifts_class_ids(processor):
+def test_the_deprecated_post_process_background_threshold_still_shifts_class_ids(processor):
     scores = torch.full((2, 3, 5), 0.2)
     scores[1, :, 3:] = 0.7  # class 1 above the threshold on the right
-    labels = processor.post_process_semantic_segmentation(
-        SimpleNamespace(logits=[scores]), target_sizes=torch.tensor([[3, 5]]), background_threshold=0.4
-    )
+    with pytest.warns(FutureWarning, match="background_threshold"):
+        labels = processor.post_process_semantic_segmentation(
+            SimpleNamespace(scores=[scores]), target_sizes=torch.tensor([[3, 5]]), background_threshold=0.4
+        )
     assert labels[0].tolist() == [[0, 0, 0, 2, 2]] * 3
 
 
 def test_post_process_rejects_mismatched_target_sizes(processor):
     with pytest.raises(ValueError, match="target sizes"):
-        processor.post_process_semantic_segmentation(SimpleNamespace(logits=torch.zeros(2, 3, 4, 4)), [(4, 4)])
+        processor.post_process_semantic_segmentation(SimpleNamespace(scores=torch.zeros(2, 3, 4, 4)), [(4, 4)])
     with pytest.raises(ValueError, match="num_classes"):
-        processor.post_process_semantic_segmentation(SimpleNamespace(logits=[torch.zeros(4, 4)]))
+        processor.post_process_semantic_segmentation(SimpleNamespace(scores=[torch.zeros(4, 4)]))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -406,7 +429,7 @@ def test_post_process_rejects_mismatched_target_sizes(processor):
 def test_save_and_load_round_trip(tmp_path):
     original = CoDeImageProcessor(
         image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), train_crop_size=48,
-        train_crop_scale=(0.5, 0.9), eval_short_side=320, eval_max_long_side=1024, max_pixels=None,
+        train_crop_scale=(0.5, 0.9), max_pixels=None,
     )
     original.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()
@@ -424,7 +447,7 @@ def test_defaults_match_the_spec():
     assert defaults.image_std == IMAGENET_STD == (0.229, 0.224, 0.225)
     assert (defaults.train_crop_size, defaults.train_crop_scale) == (224, (0.9, 1.0))
     assert defaults.train_crop_ratio == pytest.approx((3 / 4, 4 / 3))
-    assert (defaults.flip_probability, defaults.eval_short_side, defaults.eval_max_long_side) == (0.5, 448, 2048)
+    assert defaults.flip_probability == 0.5
     assert defaults.resample == Image.Resampling.BILINEAR
 
 
@@ -435,7 +458,7 @@ def test_defaults_match_the_spec():
         ({"image_mean": (0.5, 0.5)}, "3 values"),
         ({"train_crop_scale": (0.9, 0.5)}, "low <= high"),
         ({"flip_probability": 1.5}, "flip_probability"),
-        ({"eval_short_side": 0}, "eval_short_side"),
+        ({"train_crop_size": 0}, "train_crop_size"),
         ({"resample": Image.Resampling.LANCZOS}, "resample"),
     ],
 )

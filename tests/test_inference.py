@@ -14,8 +14,10 @@ from reference_implementations import pamr_reference, segment_images_reference, 
 
 from modeling_code import CoDeModel
 from modeling_code import inference as inference_module
+from modeling_code.configuration_code import InferenceProtocol
 from modeling_code.image_processing_code import CoDeImageProcessor
 from modeling_code.inference import (
+    DEFAULT_WINDOW_BATCH_SIZE,
     VocabularyEmbeddings,
     clean_class_names,
     encode_vocabulary,
@@ -51,12 +53,21 @@ def model(tiny_clip_dir, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def processor(tiny_tokenizer):
-    return CoDeProcessor(CoDeImageProcessor(eval_short_side=32, eval_max_long_side=96), tiny_tokenizer)
+    return CoDeProcessor(CoDeImageProcessor(), tiny_tokenizer, protocol=InferenceProtocol(short_side=32, max_long_side=96))
 
 
 @pytest.fixture(scope="module")
 def vocabulary(model, processor):
     return encode_vocabulary(model, processor, ["cat", "sofa", "dog"])
+
+
+def scores_of(model, pixel_values, vocabulary, window_batch_size=DEFAULT_WINDOW_BATCH_SIZE, **overrides):
+    """Whole-image scores through the model's forward, with protocol overrides (``use_pamr=False``, ...)."""
+    protocol = model.config.inference_protocol.replace(**overrides)
+    outputs = model(
+        pixel_values=pixel_values, **vocabulary.model_inputs(), protocol=protocol, window_batch_size=window_batch_size
+    )
+    return outputs.scores
 
 
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -125,7 +136,7 @@ def test_an_image_that_fits_one_window_is_one_pass_with_padding_cropped(
 ):
     image = random_image(*size, seed=1)
     expected = reference_window(model, image, vocabulary, pads, padded_size)
-    whole = segment_images(model, image[None], vocabulary).logits[0]
+    whole = scores_of(model, image[None], vocabulary)[0]
     assert whole.shape == (3, *size)
     torch.testing.assert_close(whole, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(
@@ -137,14 +148,14 @@ def test_an_image_that_fits_one_window_is_one_pass_with_padding_cropped(
 def test_overlapping_windows_are_averaged(model, vocabulary, monkeypatch):
     calls = []
 
-    def window_index_as_score(model, padded, vocabulary, settings):
+    def window_index_as_score(model, padded, *embeddings_and_protocol):
         calls.append(padded.shape)
         return torch.full((1, 3, 2, 2), float(len(calls) - 1))  # window k scores k everywhere
 
     monkeypatch.setattr(inference_module, "_refined_masks", window_index_as_score)
     height, width = 45, 70
     image = random_image(height, width, seed=2)[None]
-    scores = segment_images(model, image, vocabulary, window_batch_size=1).logits[0]
+    scores = scores_of(model, image, vocabulary, window_batch_size=1)[0]
     windows = sliding_windows(height, width, WINDOW, STRIDE)
     assert len(calls) == len(windows) == 2 * 4
     total, count = np.zeros((height, width)), np.zeros((height, width))
@@ -156,14 +167,14 @@ def test_overlapping_windows_are_averaged(model, vocabulary, monkeypatch):
 
 
 def test_windows_are_placed_and_cropped_exactly(model, vocabulary, monkeypatch):
-    def padded_image_as_score(model, padded, vocabulary, settings):
+    def padded_image_as_score(model, padded, *embeddings_and_protocol):
         return padded[:, :1].expand(-1, 3, -1, -1)  # already at the padded size: the resize is the identity
 
     monkeypatch.setattr(inference_module, "_refined_masks", padded_image_as_score)
     images = [random_image(45, 70, seed=3), random_image(21, 37, seed=4)]
     for window_batch_size in (1, 3):
-        logits = segment_images(model, images, vocabulary, window_batch_size=window_batch_size).logits
-        for image, scores in zip(images, logits):
+        maps = scores_of(model, images, vocabulary, window_batch_size=window_batch_size)
+        for image, scores in zip(images, maps):
             torch.testing.assert_close(scores, image[:1].expand(3, -1, -1), atol=1e-6, rtol=0)
 
 
@@ -171,7 +182,7 @@ def test_windows_are_placed_and_cropped_exactly(model, vocabulary, monkeypatch):
 def test_fast_path_equals_the_reference_on_odd_sizes(model, processor):
     vocabulary = encode_vocabulary(model, processor, ["cat", "background", "sofa"])
     images = [random_image(45, 70, seed=5), random_image(33, 33, seed=6), random_image(20, 50, seed=7)]
-    fast = segment_images(model, images, vocabulary, window_batch_size=3).logits
+    fast = scores_of(model, images, vocabulary, window_batch_size=3)
     reference = segment_images_reference(model, images, vocabulary)
     assert isinstance(fast, list) and [tuple(s.shape) for s in fast] == [
         (3, 45, 70),
@@ -187,7 +198,7 @@ def test_kp_weight_mixes_linearly_and_only_the_masker_masks_are_refined(model, v
     image = random_image(40, 52, seed=8)[None]
 
     def run(kp_weight, use_pamr):
-        return segment_images(model, image, vocabulary, kp_weight=kp_weight, use_pamr=use_pamr).logits[0]
+        return scores_of(model, image, vocabulary, kp_weight=kp_weight, use_pamr=use_pamr)[0]
 
     for use_pamr in (False, True):
         masker_only, kp_only, mixed = run(0.0, use_pamr), run(1.0, use_pamr), run(0.3, use_pamr)
@@ -202,7 +213,8 @@ def test_kp_only_scores_are_the_upsampled_kp_branch(model, vocabulary):
     out = model.segment_window(image, vocabulary.class_embeddings, vocabulary.kp_class_embeddings)
     kp = F.interpolate(out.kp_masks, size=out.masks.shape[-2:], mode="bilinear", align_corners=False)
     expected = F.interpolate(kp, size=(32, 32), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(segment_window_scores(model, image, vocabulary, kp_weight=1.0), expected)
+    kp_only = model.config.inference_protocol.replace(kp_weight=1.0)
+    torch.testing.assert_close(segment_window_scores(model, image, vocabulary, kp_only), expected)
 
 
 # ---------------------------------------------------------------------------------------- background
@@ -212,8 +224,8 @@ def test_background_is_a_constant_map_at_its_position(model, processor, vocabula
     assert with_background.text_class_names == ("cat", "sofa", "dog")
     torch.testing.assert_close(with_background.class_embeddings, vocabulary.class_embeddings)
     image = random_image(40, 40, seed=10)[None]
-    plain_scores = segment_images(model, image, vocabulary).logits[0]
-    scores = segment_images(model, image, with_background, background_threshold=0.55).logits[0]
+    plain_scores = scores_of(model, image, vocabulary)[0]
+    scores = scores_of(model, image, with_background, background_threshold=0.55)[0]
     assert scores.shape == (4, 40, 40)
     torch.testing.assert_close(scores[1], torch.full((40, 40), 0.55))
     torch.testing.assert_close(scores[[0, 2, 3]], plain_scores)
@@ -226,7 +238,8 @@ def test_background_threshold_extremes(model, processor):
     image = random_image(24, 30, seed=11)[None]
     image_processor = CoDeImageProcessor()
     for threshold, all_background in ((1.0, True), (0.0, False)):
-        outputs = segment_images(model, image, vocabulary, background_threshold=threshold)
+        protocol = model.config.inference_protocol.replace(background_threshold=threshold)
+        outputs = model(pixel_values=image, **vocabulary.model_inputs(), protocol=protocol)
         labels = image_processor.post_process_semantic_segmentation(outputs)[0]
         assert bool((labels == 0).all()) is all_background
         assert bool((labels == 0).any()) is all_background
@@ -238,17 +251,14 @@ def test_post_processing_returns_label_maps_at_the_original_sizes(model, process
 
     images = [Image.new("RGB", (50, 30), (200, 10, 10)), Image.new("RGB", (41, 77), (10, 200, 10))]
     inputs = processor(images=images)
-    outputs = segment_images(model, inputs["pixel_values"], vocabulary)
-    assert [tuple(s.shape) for s in outputs.logits] == [(3, 32, 53), (3, 60, 32)]
-    labels = processor.image_processor.post_process_semantic_segmentation(
-        outputs, target_sizes=inputs["original_sizes"]
-    )
+    outputs = model(**inputs, **vocabulary.model_inputs())
+    assert [tuple(s.shape) for s in outputs.scores] == [(3, 32, 53), (3, 60, 32)]
+    assert outputs.original_sizes == [(30, 50), (77, 41)]
+    labels = processor.post_process_semantic_segmentation(outputs)  # default: the sizes the processor saw
     assert [tuple(label.shape) for label in labels] == [(30, 50), (77, 41)]
     assert all(label.dtype == torch.long and label.min() >= 0 and label.max() < 3 for label in labels)
-    same_size = segment_images(
-        model, torch.stack([random_image(32, 40, 0), random_image(32, 40, 1)]), vocabulary
-    )
-    assert isinstance(same_size.logits, torch.Tensor) and same_size.logits.shape == (2, 3, 32, 40)
+    same_size = scores_of(model, torch.stack([random_image(32, 40, 0), random_image(32, 40, 1)]), vocabulary)
+    assert isinstance(same_size, torch.Tensor) and same_size.shape == (2, 3, 32, 40)
 
 
 def test_bfloat16_model_gives_float32_scores_close_to_float32(model, processor, vocabulary):
@@ -256,23 +266,23 @@ def test_bfloat16_model_gives_float32_scores_close_to_float32(model, processor, 
     bf16_vocabulary = encode_vocabulary(bf16_model, processor, ["cat", "sofa", "dog"])
     assert bf16_vocabulary.class_embeddings.dtype == torch.bfloat16
     image = random_image(40, 52, seed=12)[None]
-    scores = segment_images(bf16_model, image, bf16_vocabulary).logits[0]
+    scores = scores_of(bf16_model, image, bf16_vocabulary)[0]
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    torch.testing.assert_close(scores, segment_images(model, image, vocabulary).logits[0], atol=0.05, rtol=0)
+    torch.testing.assert_close(scores, scores_of(model, image, vocabulary)[0], atol=0.05, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------- vocabulary and errors
 def test_vocabulary_without_kp_embeddings(model, processor):
     vocabulary = encode_vocabulary(model, processor, ["cat"], with_kp_embeddings=False)
     assert vocabulary.kp_class_embeddings is None
-    assert segment_images(model, random_image(16, 16, 0)[None], vocabulary, kp_weight=0.0).logits.shape == (
+    assert scores_of(model, random_image(16, 16, 0)[None], vocabulary, kp_weight=0.0).shape == (
         1,
         1,
         16,
         16,
     )
     with pytest.raises(ValueError, match="with_kp_embeddings=True"):
-        segment_images(model, random_image(16, 16, 0)[None], vocabulary)
+        model(pixel_values=random_image(16, 16, 0)[None], **vocabulary.model_inputs())
 
 
 def test_class_list_parsing_and_cleaning(caplog):
@@ -326,17 +336,19 @@ def test_names_longer_than_the_text_context_are_truncated_with_a_warning(model, 
 def test_bad_inference_arguments_are_named(model, vocabulary):
     image = random_image(16, 16, 0)[None]
     with pytest.raises(ValueError, match="leaves gaps"):
-        segment_images(model, image, vocabulary, window_size=16, window_stride=32)
+        scores_of(model, image, vocabulary, window_size=16, window_stride=32)
     with pytest.raises(ValueError, match="background_threshold"):
-        segment_images(model, image, vocabulary, background_threshold=1.5)
+        scores_of(model, image, vocabulary, background_threshold=1.5)
     with pytest.raises(ValueError, match="kp_weight"):
-        segment_images(model, image, vocabulary, kp_weight=-0.1)
+        scores_of(model, image, vocabulary, kp_weight=-0.1)
+    with pytest.raises(TypeError, match="Unknown inference setting"):
+        scores_of(model, image, vocabulary, windows=3)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
-        segment_images(model, [torch.zeros(1, 16, 16)], vocabulary)
+        scores_of(model, [torch.zeros(1, 16, 16)], vocabulary)
     with pytest.raises(ValueError, match="No images"):
-        segment_images(model, [], vocabulary)
+        scores_of(model, [], vocabulary)
     with pytest.raises(ValueError, match="window_batch_size"):
-        segment_images(model, image, vocabulary, window_batch_size=0)
+        scores_of(model, image, vocabulary, window_batch_size=0)
 
 
 def test_vocabulary_embeddings_are_plain_data(vocabulary):
@@ -345,3 +357,16 @@ def test_vocabulary_embeddings_are_plain_data(vocabulary):
     assert vocabulary.num_classes == 3 and vocabulary.template_set == "custom"
     assert vocabulary.class_embeddings.shape == vocabulary.kp_class_embeddings.shape == (3, 32)
     torch.testing.assert_close(vocabulary.class_embeddings.norm(dim=-1), torch.ones(3))
+
+
+def test_the_0_1_entry_points_still_work_with_a_warning(model, vocabulary):
+    image = random_image(40, 52, seed=13)[None]
+    expected = scores_of(model, image, vocabulary, use_pamr=False, kp_weight=0.5)
+    with pytest.warns(FutureWarning, match="segment_images is deprecated"):
+        outputs = segment_images(model, image, vocabulary, use_pamr=False, kp_weight=0.5)
+    with pytest.warns(FutureWarning, match=r"\.logits is deprecated"):
+        torch.testing.assert_close(outputs.logits, expected)
+    with pytest.warns(FutureWarning, match=r"segment_window_scores\(kp_weight=...\) is deprecated"):
+        window = segment_window_scores(model, image[..., :32, :32], vocabulary, kp_weight=1.0)
+    kp_only = model.config.inference_protocol.replace(kp_weight=1.0)
+    torch.testing.assert_close(window, segment_window_scores(model, image[..., :32, :32], vocabulary, kp_only))

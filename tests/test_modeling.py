@@ -53,7 +53,7 @@ def make_batch(tokenizer, batch_size: int = 2, image_size: int = 32, seed: int =
         "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
         "caption_input_ids": caption_ids,
         "noun_input_ids": pad_token_ids(tokenizer, noun_rows),
-        "template_input_ids": pad_token_ids(tokenizer, [f"a bad photo of a {n}." for n in noun_rows]),
+        "kg_template_input_ids": pad_token_ids(tokenizer, [f"a bad photo of a {n}." for n in noun_rows]),
         "text_labels": labels,
     }
 
@@ -395,7 +395,7 @@ def test_feature_pooling_reads_each_image_once_for_all_its_noun_rows(tiny_code_m
 def test_training_forward_shapes_and_losses(tiny_code_model, tiny_tokenizer):
     model = tiny_code_model.train()
     assert not model.clip.training and model.masker.training
-    out = model(**make_batch(tiny_tokenizer))
+    out = model(**make_batch(tiny_tokenizer), return_loss=True)
     names = ["kg", "tcl_feature", "tcl_image", "tv_image", "tv_mask", "area_positive", "area_negative",
              "text_segmentation", "hcl"]
     assert next(iter(out.keys())) == "loss"
@@ -411,7 +411,7 @@ def test_terms_weighted_zero_are_skipped_with_the_passes_only_they_need(tiny_cod
     model = tiny_code_model.train()
     batch = make_batch(tiny_tokenizer)
     torch.manual_seed(0)
-    full = model(**batch)
+    full = model(**batch, return_loss=True)
     monkeypatch.setattr(model.config, "loss_text_segmentation_weight", 0.0)
     monkeypatch.setattr(model.config, "loss_hcl_weight", 0.0)
 
@@ -420,7 +420,7 @@ def test_terms_weighted_zero_are_skipped_with_the_passes_only_they_need(tiny_cod
 
     monkeypatch.setattr(model, "_highlight_words", no_word_highlighting)
     torch.manual_seed(0)  # the same Gumbel noise: the same hard masks
-    ablated = model(**batch)
+    ablated = model(**batch, return_loss=True)
     assert float(ablated.loss_text_segmentation) == float(ablated.loss_hcl) == 0.0 and ablated.text_masks is None
     kept = [name for name in full if name.startswith("loss_") and name not in ("loss_text_segmentation", "loss_hcl")]
     for name in kept:
@@ -435,10 +435,10 @@ def test_same_noun_rows_are_left_out_of_the_contrastive_negatives(tiny_code_mode
     model = tiny_code_model.train()
     batch = make_batch(tiny_tokenizer, batch_size=3)  # six distinct nouns: nothing to leave out
     torch.manual_seed(0)
-    faithful = model(**batch)
+    faithful = model(**batch, return_loss=True)
     monkeypatch.setattr(model.config, "exclude_same_noun_negatives", True)
     torch.manual_seed(0)
-    excluding = model(**batch)
+    excluding = model(**batch, return_loss=True)
     for name, value in faithful.items():
         if name.startswith("loss"):
             torch.testing.assert_close(excluding[name], value, msg=name)
@@ -448,7 +448,7 @@ def test_same_noun_rows_are_left_out_of_the_contrastive_negatives(tiny_code_mode
     plain = modeling_code.modeling_code.symmetric_infonce
     monkeypatch.setattr(modeling_code.modeling_code, "symmetric_infonce",
                         lambda logits, excluded=None: seen.append(excluded) or plain(logits, excluded))
-    model(**batch)
+    model(**batch, return_loss=True)
     expected = torch.zeros(6, 6, dtype=torch.bool)
     for first, second in ((0, 2), (3, 5)):
         expected[first, second] = expected[second, first] = True
@@ -461,7 +461,7 @@ def test_area_and_tv_losses_at_constant_masks(tiny_code_model, tiny_tokenizer):
     with torch.no_grad():
         model.sim2mask.weight.zero_()
         model.sim2mask.bias.fill_(torch.logit(torch.tensor(0.25)))
-    out = model(**make_batch(tiny_tokenizer))
+    out = model(**make_batch(tiny_tokenizer), return_loss=True)
     assert float(out.loss_area_positive) == pytest.approx(0.0, abs=1e-6)  # exactly at the prior
     assert float(out.loss_area_negative) == pytest.approx(0.05 * 0.25, abs=1e-6)  # one-sided: only negatives
     assert float(out.loss_tv_mask) == 0.0
@@ -472,7 +472,7 @@ def test_gradients_reach_trainable_parameters_only(tiny_code_model, tiny_tokeniz
     with torch.no_grad():  # zero gates (the initial state) would block the convolutions' gradients
         for block in model.masker.decoder.blocks:
             block.gate.fill_(0.1)
-    model(**make_batch(tiny_tokenizer)).loss.backward()
+    model(**make_batch(tiny_tokenizer), return_loss=True).loss.backward()
     # the block copy runs with self-only attention: its query/key projections are unused by design
     unused = {f"masker.backbone_block.self_attn.{p}_proj.{t}" for p in ("q", "k") for t in ("weight", "bias")}
     for name, parameter in model.named_parameters():
@@ -502,7 +502,7 @@ def test_loss_falls_and_clip_stays_unchanged(tiny_code_model, tiny_tokenizer):
     losses = []
     for step in range(30):
         torch.manual_seed(step)  # same Gumbel noise pattern per step keeps the comparison about learning
-        loss = model(**batch).loss
+        loss = model(**batch, return_loss=True).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -514,7 +514,7 @@ def test_loss_falls_and_clip_stays_unchanged(tiny_code_model, tiny_tokenizer):
 def test_bf16_autocast_on_cpu(tiny_code_model, tiny_tokenizer):
     model = tiny_code_model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(**make_batch(tiny_tokenizer))
+        out = model(**make_batch(tiny_tokenizer), return_loss=True)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.masker.decoder.blocks[0].conv.weight.grad is not None
@@ -685,7 +685,7 @@ def test_region_activation_checkpointing_keeps_losses_and_gradients(tiny_code_mo
     for checkpointing in (False, True):
         model.config.region_activation_checkpointing = checkpointing
         model.zero_grad(set_to_none=True)
-        output = model(**batch)
+        output = model(**batch, return_loss=True)
         output.loss.backward()
         runs.append((output.loss_hcl.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)

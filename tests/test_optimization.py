@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (spec §2.3)."""
+"""Optimiser and learning-rate schedule (docs/method.md#schedule)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
+from modeling_code.configuration_code import InferenceProtocol
 from modeling_code.image_processing_code import CoDeImageProcessor, InvalidImageError
 from modeling_code.processing_code import CoDeProcessor
 from modeling_code.templates import TEMPLATE_SETS, get_templates
@@ -23,18 +24,22 @@ from modeling_code.text_decomposition import NotEnoughNounsError
 
 
 def small_image_processor() -> CoDeImageProcessor:
-    return CoDeImageProcessor(train_crop_size=32, eval_short_side=24, eval_max_long_side=64)
+    return CoDeImageProcessor(train_crop_size=32)
+
+
+# The inference protocol of these tests: short side 24, long side at most 64.
+SMALL = InferenceProtocol(short_side=24, max_long_side=64)
 
 
 @pytest.fixture(scope="module")
 def processor(tiny_tokenizer) -> CoDeProcessor:
-    return CoDeProcessor(small_image_processor(), tiny_tokenizer)
+    return CoDeProcessor(small_image_processor(), tiny_tokenizer, protocol=SMALL)
 
 
 @pytest.fixture(scope="module")
 def processor_k3(tiny_tokenizer) -> CoDeProcessor:
     """K = 3: every noun of a three-noun caption is sampled, so each gets its own label."""
-    return CoDeProcessor(small_image_processor(), tiny_tokenizer, num_words=3)
+    return CoDeProcessor(small_image_processor(), tiny_tokenizer, num_words=3, protocol=SMALL)
 
 
 def token_id(tokenizer, token: str) -> int:
@@ -135,17 +140,17 @@ def test_truncation_is_reported_without_logging(tiny_tokenizer):
 def test_training_sample_layout(processor, tiny_tokenizer):
     image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     sample = processor.prepare_training_sample(image, "a dog on the sofa near a tree", random.Random(0))
-    assert set(sample) == {"pixel_values", "caption_input_ids", "noun_input_ids", "template_input_ids", "text_labels"}
+    assert set(sample) == {"pixel_values", "caption_input_ids", "noun_input_ids", "kg_template_input_ids", "text_labels"}
     assert sample["pixel_values"].shape == (3, 32, 32) and sample["pixel_values"].dtype == torch.float32
     assert sample["caption_input_ids"].shape == (77,)
-    assert sample["noun_input_ids"].shape == (2, 77) and sample["template_input_ids"].shape == (2, 77)
+    assert sample["noun_input_ids"].shape == (2, 77) and sample["kg_template_input_ids"].shape == (2, 77)
     assert sample["text_labels"].shape == (77,)
-    for key in ("caption_input_ids", "noun_input_ids", "template_input_ids", "text_labels"):
+    for key in ("caption_input_ids", "noun_input_ids", "kg_template_input_ids", "text_labels"):
         assert sample[key].dtype == torch.long
     torch.testing.assert_close(sample["caption_input_ids"], processor.tokenize(["a dog on the sofa near a tree"])[0])
     nouns = sampled_nouns(processor, sample, ["dog", "sofa", "tree"])
     assert len(set(nouns)) == 2
-    for noun, template_ids in zip(nouns, sample["template_input_ids"]):
+    for noun, template_ids in zip(nouns, sample["kg_template_input_ids"]):
         filled = processor.tokenize([template.format(noun) for template in get_templates("imagenet")])
         assert (filled == template_ids).all(dim=1).any()
 
@@ -208,7 +213,7 @@ def test_collate_stacks_nouns_noun_major(processor):
             "pixel_values": torch.full((3, 32, 32), float(b)),
             "caption_input_ids": torch.full((length,), b),
             "noun_input_ids": torch.stack([torch.full((length,), 10 * b + k) for k in range(num_words)]),
-            "template_input_ids": torch.stack([torch.full((length,), 100 + 10 * b + k) for k in range(num_words)]),
+            "kg_template_input_ids": torch.stack([torch.full((length,), 100 + 10 * b + k) for k in range(num_words)]),
             "text_labels": torch.full((length,), -b),
         })
     batch = processor.collate_training(samples)
@@ -219,7 +224,7 @@ def test_collate_stacks_nouns_noun_major(processor):
     for k in range(num_words):
         for b in range(batch_size):
             assert (batch["noun_input_ids"][k * batch_size + b] == 10 * b + k).all()
-            assert (batch["template_input_ids"][k * batch_size + b] == 100 + 10 * b + k).all()
+            assert (batch["kg_template_input_ids"][k * batch_size + b] == 100 + 10 * b + k).all()
     with pytest.raises(ValueError, match="empty"):
         processor.collate_training([])
 
@@ -237,24 +242,66 @@ def test_collate_real_samples(processor):
 # ------------------------------------------------------------------------------------ inference
 
 
-def test_inference_inputs(processor):
-    outputs = processor(images=[Image.new("RGB", (40, 30))], class_names=["dog", "sofa", "zebra"])
+def test_inference_inputs_are_the_forward_arguments(processor):
+    outputs = processor(images=[Image.new("RGB", (40, 30))], text=["dog", "background", "zebra"], return_tensors="pt")
+    assert set(outputs) == {
+        "pixel_values", "original_sizes", "class_input_ids", "kp_template_input_ids", "background_index"
+    }
     assert outputs["pixel_values"].shape == (1, 3, 24, 32)
     assert outputs["original_sizes"] == [(30, 40)]
-    assert outputs["class_input_ids"].shape == (3, 77)
-    torch.testing.assert_close(outputs["class_input_ids"], processor.tokenize(["dog", "sofa", "zebra"]))
+    assert outputs["background_index"] == 1
+    torch.testing.assert_close(outputs["class_input_ids"], processor.tokenize(["dog", "zebra"]))
     templates = get_templates("custom")
-    assert outputs["template_input_ids"].shape == (3 * len(templates), 77)
-    for n, name in enumerate(["dog", "sofa", "zebra"]):
+    assert outputs["kp_template_input_ids"].shape == (2, len(templates), 77)
+    for n, name in enumerate(["dog", "zebra"]):
         for t, template in enumerate(templates):
             expected = processor.tokenize([template.format(name)])[0]
-            torch.testing.assert_close(outputs["template_input_ids"][n * len(templates) + t], expected)
-    assert set(processor(class_names=["dog"])) == {"class_input_ids", "template_input_ids"}
+            torch.testing.assert_close(outputs["kp_template_input_ids"][n, t], expected)
+    assert set(processor(text=["dog"])) == {"class_input_ids", "kp_template_input_ids", "background_index"}
+    assert processor(text=["dog"])["background_index"] is None
     assert set(processor(images=Image.new("RGB", (8, 8)))) == {"pixel_values", "original_sizes"}
+
+
+def test_text_may_be_one_string_of_names(processor):
+    from_string = processor(text="dog, background\nzebra")
+    from_list = processor(text=["dog", "background", "zebra"])
+    torch.testing.assert_close(from_string["class_input_ids"], from_list["class_input_ids"])
+    assert from_string["background_index"] == 1
+
+
+def test_images_of_different_sizes_come_as_a_list(processor):
+    outputs = processor(images=[Image.new("RGB", (40, 30)), Image.new("RGB", (30, 40))], text=["dog"])
+    assert [tuple(pixels.shape) for pixels in outputs["pixel_values"]] == [(3, 24, 32), (3, 32, 24)]
+    assert outputs["original_sizes"] == [(30, 40), (40, 30)]
+
+
+def test_the_protocol_sets_the_resize_and_the_templates(processor):
+    other = SMALL.replace(short_side=12, template_set="imagenet")
+    outputs = processor(images=Image.new("RGB", (40, 30)), text=["dog"], protocol=other)
+    assert outputs["pixel_values"].shape == (1, 3, 12, 16)
+    assert outputs["kp_template_input_ids"].shape[1] == len(get_templates("imagenet"))
+
+
+def test_bad_inference_inputs_are_named(processor):
     with pytest.raises(ValueError, match="Give images"):
         processor()
-    with pytest.raises(TypeError, match="single string"):
-        processor(class_names="dog")
+    with pytest.raises(ValueError, match="repeat"):
+        processor(text=["dog", "Dog"])  # class ids are positions: a repeated name would shift them
+    with pytest.raises(ValueError, match="No class names"):
+        processor(text=" , ")
+    with pytest.raises(ValueError, match="return_tensors"):
+        processor(text=["dog"], return_tensors="np")
+    with pytest.raises(TypeError, match="unexpected"):
+        processor(text=["dog"], colour="red")
+
+
+def test_deprecated_keywords_still_work(processor, tiny_tokenizer):
+    with pytest.warns(FutureWarning, match="class_names"):
+        outputs = processor(class_names=["dog", "zebra"])
+    torch.testing.assert_close(outputs["class_input_ids"], processor.tokenize(["dog", "zebra"]))
+    with pytest.warns(FutureWarning, match="inference_template_set"):
+        legacy = CoDeProcessor(small_image_processor(), tiny_tokenizer, inference_template_set="imagenet")
+    assert legacy.inference_protocol.template_set == "imagenet"
 
 
 # ---------------------------------------------------------------------------------- save / load
@@ -272,7 +319,8 @@ def test_save_and_load_round_trip(tmp_path, tiny_tokenizer):
     assert isinstance(loaded.image_processor, CoDeImageProcessor)
     assert loaded.image_processor.to_dict() == original.image_processor.to_dict()
     assert (loaded.num_words, loaded.context_length, loaded.spacy_model) == (3, 40, "en_core_web_sm")
-    assert (loaded.kg_template_set, loaded.inference_template_set) == ("custom", "custom")
+    assert loaded.kg_template_set == "custom"
+    assert loaded.inference_protocol == InferenceProtocol()  # a processor saved alone: the paper's protocol
     assert loaded.noun_decomposer.num_words == 3
     texts = ["a zebra on the sofa", "dog " * 50]
     torch.testing.assert_close(loaded.tokenize(texts), original.tokenize(texts))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_model
+from helpers import NO_PACKAGE_PRELUDE, save_tiny_model
 from huggingface_hub import ModelCard
 
 from modeling_code.apps.publishing import publish, remote_code_files, upload_file_list
@@ -19,22 +19,10 @@ from modeling_code.training.config import TrainingConfig, save_training_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FILES = [
-    "README.md", "config.json", "configuration_code.py", "image_processing_code.py", "losses.py",
-    "masker.py", "model.safetensors", "modeling_code.py", "ops.py", "processing_code.py", "processor_config.json", "templates.py",
-    "text_decomposition.py", "tokenizer.json", "tokenizer_config.json",
+    "README.md", "config.json", "configuration_code.py", "image_processing_code.py", "inference.py", "losses.py",
+    "masker.py", "model.safetensors", "modeling_code.py", "ops.py", "pamr.py", "processing_code.py",
+    "processor_config.json", "templates.py", "text_decomposition.py", "tokenizer.json", "tokenizer_config.json",
 ]
-# Run in a fresh interpreter where importing the package (or spaCy) fails: only the folder's own code can load it.
-NO_PACKAGE_PRELUDE = """
-import importlib.abc, sys
-class HidePackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        # spaCy too: only training decomposes captions; loading and segmenting must not need it
-        if name.split(".")[0] in ("modeling_code", "spacy"):
-            raise ImportError(f"No module named {name!r} (hidden in this test)")
-sys.meta_path.insert(0, HidePackage())
-from PIL import Image
-Image.new("RGB", (90, 70), (40, 160, 60)).save("photo.jpg")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +132,7 @@ def test_incomplete_folders_are_refused_with_the_reason(trained_dir, tmp_path):
     assert remote_code_files(broken) == [name for name in EXPECTED_FILES if name.endswith(".py")]
 
     (broken / "templates.py").unlink()
-    with pytest.raises(ValueError, match=r"lacks templates\.py, which (processing|text_decomposition|image_processing)"):
+    with pytest.raises(ValueError, match=r"lacks templates\.py, which (configuration|processing|text_decomposition|image_processing)"):
         publish(broken, "me/x", dry_run_dir=tmp_path / "a")
     config = json.loads((broken / "config.json").read_text())
     del config["auto_map"]["AutoModel"]

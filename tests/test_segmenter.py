@@ -140,10 +140,23 @@ def test_an_explicit_vocabulary_object(segmenter):
 
 
 def test_the_model_config_sets_the_evaluation_resize(segmenter):
-    processor = CoDeProcessor(CoDeImageProcessor(eval_short_side=448), segmenter.processor.tokenizer)
+    processor = CoDeProcessor(CoDeImageProcessor(), segmenter.processor.tokenizer)  # the paper's 448 on its own
     other = CoDeSegmenter(segmenter.model, processor)
+    assert other.protocol == segmenter.model.config.inference_protocol
     assert other(random_photo(90, 120, seed=11), ["cat"]).scores.shape == (1, 64, 85)
-    assert processor.image_processor.eval_short_side == 448  # the caller's processor is left as it was
+    smaller = CoDeSegmenter(segmenter.model, processor, protocol=other.protocol.replace(short_side=32))
+    assert smaller(random_photo(90, 120, seed=11), ["cat"]).scores.shape == (1, 32, 43)
+
+
+def test_the_segmenter_is_the_model_forward(segmenter):
+    """The segmenter adds caching and drawing, not a second implementation: its scores are the forward's."""
+    image = random_photo(50, 70, seed=12)
+    result = segmenter(image, ["cat", "background", "dog"])
+    inputs = segmenter.processor(images=image, text=["cat", "background", "dog"], return_tensors="pt")
+    outputs = segmenter.model(**inputs)
+    torch.testing.assert_close(torch.from_numpy(result.scores), outputs.scores[0])
+    labels = segmenter.processor.post_process_semantic_segmentation(outputs)[0]
+    assert np.array_equal(result.label_map, labels.numpy())
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

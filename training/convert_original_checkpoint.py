@@ -1,4 +1,4 @@
-"""Convert the authors' released CoDe checkpoint into a code-seg model directory (spec §4).
+"""Convert the authors' released CoDe checkpoint into a code-seg model directory (docs/method.md#the-authors-checkpoint).
 
     python training/convert_original_checkpoint.py --checkpoint checkpoint.pth \
         --clip openai/clip-vit-base-patch16 --output_dir code-vit-b16 [--push_to_hub --hub_model_id USER/NAME]

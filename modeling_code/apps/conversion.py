@@ -1,4 +1,4 @@
-"""Conversion between the authors' original CoDe checkpoint and [`CoDeModel`] (spec §4).
+"""Conversion between the authors' original CoDe checkpoint and [`CoDeModel`] (docs/method.md#the-authors-checkpoint).
 
 The original release stores OpenAI-CLIP-named tensors (packed q/k/v, ``c_fc``/``c_proj``, right-multiplied
 projections) and keeps three copies of the frozen CLIP plus three constant PAMR kernels. ``original_key_table``
@@ -307,7 +307,7 @@ def _count_indexed(keys: Iterable[str], prefix: str) -> int:
 
 def _shape(original: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if key not in original:
-        raise ValueError(f"The checkpoint has no {key!r}: is it an original CoDe checkpoint (spec §4)?")
+        raise ValueError(f"The checkpoint has no {key!r}: is it an original CoDe checkpoint (docs/method.md#the-authors-checkpoint)?")
     return tuple(original[key].shape)
 
 

@@ -30,7 +30,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--bg_thresh", dest="background_threshold", type=float)
     parser.add_argument("--window_size", type=int)
     parser.add_argument("--window_stride", type=int)
-    parser.add_argument("--short_side", dest="inference_short_side", type=int)
+    parser.add_argument("--short_side", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     return parser
 

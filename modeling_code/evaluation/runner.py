@@ -2,13 +2,15 @@
 ``training/evaluate.py``, and the trainer's periodic evaluation.
 
 Inference follows the model config's protocol (PAMR, KP mix, background threshold, 448/224 windows); every
-setting can be overridden per run (``INFERENCE_SETTINGS``).
+setting can be overridden per run (``INFERENCE_SETTINGS``, names of ``InferenceProtocol`` fields).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from .evaluator import BenchmarkResult, evaluate_benchmark, write_outputs
 from .segmentation_datasets import build_source
 from .specs import custom_benchmark, expand_benchmarks, get_benchmark
 
+# The evaluation command's overrides (--no_pamr, --kp_weight, ...): InferenceProtocol fields.
 INFERENCE_SETTINGS = (
     "use_pamr",
     "pamr_iterations",
@@ -25,20 +28,20 @@ INFERENCE_SETTINGS = (
     "background_threshold",
     "window_size",
     "window_stride",
-    "inference_short_side",
-    "inference_max_long_side",
+    "short_side",
 )
 
 
 def with_inference_settings(model, **settings: Any):
-    """The same model (weights shared) with a config copy carrying the given inference settings."""
-    unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown inference setting(s) {unknown}; known: {list(INFERENCE_SETTINGS)}")
+    """Deprecated (goes in 0.3): pass ``protocol=model.config.inference_protocol.replace(**settings)``."""
+    warnings.warn(
+        "with_inference_settings is deprecated and goes in 0.3: give the segmenter "
+        "protocol=model.config.inference_protocol.replace(...)",
+        FutureWarning,
+        stacklevel=2,
+    )
     model.config = copy.deepcopy(model.config)
-    for name, value in settings.items():
-        if value is not None:
-            setattr(model.config, name, value)
+    model.config.inference_protocol = model.config.inference_protocol.replace(**settings)
     return model
 
 
@@ -71,19 +74,14 @@ def evaluate_dataset(
             "label_column", "raw_label_ids"}``.
         benchmark: a benchmark key giving class names and label mapping; otherwise ``class_names`` (with
             ``background`` prepending the background class) describe the labels as stored.
-        settings: inference overrides (see ``INFERENCE_SETTINGS``).
+        settings: inference overrides: ``InferenceProtocol`` fields (``use_pamr=False``, ``kp_weight=1.0``, ...).
     """
     from ..predict.segmenter import CoDeSegmenter
 
     spec = evaluation_spec(benchmark, class_names, background)
-    original = model.config
-    try:
-        segmenter = CoDeSegmenter(with_inference_settings(model, **settings), processor)
-        source = _source(spec, dataset, limit)
-        return evaluate_benchmark(segmenter.predict, spec, source, accelerator=accelerator,
-                                  num_visualize=num_visualize, progress=progress)
-    finally:
-        model.config = original
+    segmenter = CoDeSegmenter(model, processor, protocol=model.config.inference_protocol.replace(**settings))
+    return evaluate_benchmark(segmenter.predict, spec, _source(spec, dataset, limit), accelerator=accelerator,
+                              num_visualize=num_visualize, progress=progress)
 
 
 def _source(spec, dataset: dict[str, Any], limit: int | None):
@@ -121,7 +119,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     settings = {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}
     segmenter = CoDeSegmenter.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=accelerator.device)
-    segmenter = CoDeSegmenter(with_inference_settings(segmenter.model, **settings), segmenter.processor)
+    segmenter.protocol = segmenter.protocol.replace(**settings)
     results = []
     for spec in specs:
         with accelerator.main_process_first():
@@ -136,12 +134,11 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
                                           progress=accelerator.is_local_main_process))
     outputs: dict[str, Path] = {}
     if accelerator.is_main_process:
-        config = segmenter.model.config
         run_settings = {
             "model": str(args.model),
             "dtype": args.dtype,
             "processes": accelerator.num_processes,
-            **{name: getattr(config, name) for name in INFERENCE_SETTINGS},
+            **dataclasses.asdict(segmenter.protocol),
         }
         outputs = write_outputs(results, args.output_dir, run_settings, model_name=Path(str(args.model)).name)
         print((Path(args.output_dir) / "results.md").read_text())

@@ -23,15 +23,9 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from ..configuration_code import CoDeConfig
-from ..image_processing_code import DEFAULT_MAX_PIXELS, CoDeImageProcessor, ImageLike
-from ..inference import (
-    DEFAULT_WINDOW_BATCH_SIZE,
-    VocabularyEmbeddings,
-    clean_class_names,
-    encode_vocabulary,
-    segment_images,
-)
+from ..configuration_code import InferenceProtocol
+from ..image_processing_code import DEFAULT_MAX_PIXELS, ImageLike
+from ..inference import DEFAULT_WINDOW_BATCH_SIZE, VocabularyEmbeddings, clean_class_names, encode_vocabulary
 from ..modeling_code import CoDeModel
 from ..processing_code import CoDeProcessor
 from .loading import load_model_and_processor
@@ -52,7 +46,7 @@ class SegmentationResult:
         label_map: [H, W] int64 class ids (indices into ``class_names``) at the size of ``image``.
         class_names: the classes in id order (the request's list, cleaned and deduplicated).
         scores: [N, h, w] float32 per-class score maps in [0, 1] at the resolution the model worked at
-            (the evaluation resize, short side ``inference_short_side``); ``background`` is its constant
+            (the protocol's evaluation resize); ``background`` is its constant
             threshold map. ``label_map`` is their bilinear resize to [H, W] followed by the argmax.
         pixel_fractions: fraction of the image's pixels labelled with each class (every class listed).
         overlay: the colour-coded label map blended over ``image``, with a legend of the classes present.
@@ -82,29 +76,21 @@ class SegmentationResult:
         }
 
 
-def _image_processor_for(
-    image_processor: CoDeImageProcessor, config: CoDeConfig, max_pixels: int | None
-) -> CoDeImageProcessor:
-    """A copy of ``image_processor`` with the model config's evaluation resize (the protocol's owner) and cap."""
-    image_processor = copy.deepcopy(image_processor)
-    image_processor.eval_short_side = config.inference_short_side
-    image_processor.eval_max_long_side = config.inference_max_long_side
-    image_processor.max_pixels = max_pixels
-    return image_processor
-
-
 class CoDeSegmenter:
-    """Open-vocabulary semantic segmentation with a CoDe model.
+    """Open-vocabulary semantic segmentation with a CoDe model: a thin layer over the processor, ``model(...)``
+    and the post-processing, which caches vocabularies and draws the result.
 
     Args:
         model: a ``CoDeModel`` (any device and dtype).
         processor: its ``CoDeProcessor`` (tokenizer and image processor).
-        use_pamr: refine masks with PAMR; default ``model.config.use_pamr``.
-        background_threshold: score of the ``background`` class; default ``model.config.background_threshold``.
+        use_pamr: refine masks with PAMR; default: the protocol's.
+        background_threshold: score of the ``background`` class; default: the protocol's.
         max_pixels: larger inputs are downscaled (aspect kept) with a warning; ``None``: no cap.
         window_batch_size: sliding windows per model call (bounds memory).
         vocabulary_cache_size: class lists whose embeddings are kept.
         overlay_alpha: opacity of the colour-coded labels in ``SegmentationResult.overlay``.
+        protocol: the inference protocol; default ``model.config.inference_protocol``. ``use_pamr`` and
+            ``background_threshold`` override it (``InferenceProtocol.replace``).
     """
 
     def __init__(
@@ -117,6 +103,7 @@ class CoDeSegmenter:
         window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
         vocabulary_cache_size: int = DEFAULT_VOCABULARY_CACHE_SIZE,
         overlay_alpha: float = DEFAULT_OVERLAY_ALPHA,
+        protocol: InferenceProtocol | None = None,
     ) -> None:
         if vocabulary_cache_size < 0:
             raise ValueError(f"vocabulary_cache_size must be >= 0; got {vocabulary_cache_size}")
@@ -124,17 +111,28 @@ class CoDeSegmenter:
             raise ValueError(f"max_pixels must be a positive number of pixels; got {max_pixels}")
         if not 0.0 <= overlay_alpha <= 1.0:
             raise ValueError(f"overlay_alpha must be in [0, 1]; got {overlay_alpha}")
+        if window_batch_size < 1:
+            raise ValueError(f"window_batch_size must be a positive integer; got {window_batch_size}")
         self.model = model.eval()
         self.processor = processor
-        self.image_processor = _image_processor_for(processor.image_processor, model.config, max_pixels)
-        self.use_pamr = model.config.use_pamr if use_pamr is None else bool(use_pamr)
-        self.background_threshold = (
-            model.config.background_threshold if background_threshold is None else float(background_threshold)
+        self.protocol = (protocol or model.config.inference_protocol).replace(
+            use_pamr=use_pamr, background_threshold=background_threshold
         )
+        # the image processor with this segmenter's size cap (the resize itself is the protocol's)
+        self.image_processor = copy.deepcopy(processor.image_processor)
+        self.image_processor.max_pixels = max_pixels
         self.window_batch_size = window_batch_size
         self.vocabulary_cache_size = vocabulary_cache_size
         self.overlay_alpha = overlay_alpha
         self._vocabularies: OrderedDict[tuple, VocabularyEmbeddings] = OrderedDict()
+
+    @property
+    def use_pamr(self) -> bool:
+        return self.protocol.use_pamr
+
+    @property
+    def background_threshold(self) -> float:
+        return self.protocol.background_threshold
 
     @classmethod
     def from_pretrained(
@@ -163,17 +161,11 @@ class CoDeSegmenter:
         """Embeddings of a class list (``background`` = constant map), from the cache when seen before."""
         names, _ = clean_class_names(class_names)
         parameter = next(self.model.parameters())
-        key = (
-            tuple(names),
-            self.model.config.inference_template_set,
-            self.model.config.kp_weight > 0,
-            parameter.dtype,
-            parameter.device,
-        )
+        key = (tuple(names), self.protocol.template_set, self.protocol.kp_weight > 0, parameter.dtype, parameter.device)
         if key in self._vocabularies:
             self._vocabularies.move_to_end(key)
             return self._vocabularies[key]
-        vocabulary = encode_vocabulary(self.model, self.processor, names)
+        vocabulary = encode_vocabulary(self.model, self.processor, names, protocol=self.protocol)
         if self.vocabulary_cache_size:
             self._vocabularies[key] = vocabulary
             while len(self._vocabularies) > self.vocabulary_cache_size:
@@ -194,24 +186,17 @@ class CoDeSegmenter:
     ) -> tuple[list[Image.Image], list[np.ndarray], list[torch.Tensor], VocabularyEmbeddings]:
         """(loaded images, [H, W] int64 label maps, [N, h, w] score maps, vocabulary) of a list of images."""
         vocabulary = classes if isinstance(classes, VocabularyEmbeddings) else self.encode_vocabulary(classes)
+        protocol = self.protocol.replace(use_pamr=use_pamr, background_threshold=background_threshold)
         loaded = [self.image_processor.load_image(image) for image in images]
         if not loaded:
             raise ValueError("No images were given")
-        inputs = self.image_processor.preprocess(loaded)
-        threshold = self.background_threshold if background_threshold is None else background_threshold
-        outputs = segment_images(
-            self.model,
-            inputs["pixel_values"],
-            vocabulary,
-            use_pamr=self.use_pamr if use_pamr is None else use_pamr,
-            background_threshold=threshold,
-            window_batch_size=self.window_batch_size,
+        inputs = self.image_processor.preprocess(loaded, protocol=protocol)
+        outputs = self.model(
+            **inputs, **vocabulary.model_inputs(), protocol=protocol, window_batch_size=self.window_batch_size
         )
-        label_maps = self.image_processor.post_process_semantic_segmentation(
-            outputs, target_sizes=inputs["original_sizes"]
-        )
+        label_maps = self.image_processor.post_process_semantic_segmentation(outputs)
         label_maps = [label_map.cpu().numpy().astype(np.int64) for label_map in label_maps]
-        return loaded, label_maps, list(outputs.logits), vocabulary
+        return loaded, label_maps, list(outputs.scores), vocabulary
 
     def __call__(
         self,

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of CoDe training (spec §2.3).
+"""Optimiser and learning-rate schedule of CoDe training (docs/method.md#schedule).
 
 * AdamW with two parameter groups: weight decay for matrices / tensors, none for 1-D (and 0-D)
   parameters and biases.

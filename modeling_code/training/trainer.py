@@ -1,4 +1,4 @@
-"""The CoDe training loop on Accelerate (spec §2): one process on a CPU to DDP/FSDP/multi-node, unchanged.
+"""The CoDe training loop on Accelerate (docs/method.md#losses): one process on a CPU to DDP/FSDP/multi-node, unchanged.
 
 ``training/train.py`` is a thin command line over ``train``. The loop: streamed image-caption data (skips
 counted), AdamW with warmup + cosine, the two phases (masker block copy frozen for ``ust_steps``), gradient
@@ -123,7 +123,7 @@ def training_step(
     """
     grad_norm = None
     with accelerator.accumulate(model):
-        output = model(**batch)
+        output = model(**batch, return_loss=True)
         accelerator.backward(output.loss)
         if accelerator.sync_gradients:
             parameters = [p for p in model.parameters() if p.requires_grad]
@@ -141,7 +141,7 @@ def validation_loss(model: CoDeModel, batches: list[dict[str, torch.Tensor]]) ->
     """Mean total loss over held-out batches (fixed RNG so repeated evaluations compare)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        values = [float(model(**batch).loss) for batch in batches]
+        values = [float(model(**batch, return_loss=True).loss) for batch in batches]
     return sum(values) / max(len(values), 1)
 
 
