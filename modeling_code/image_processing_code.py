@@ -492,5 +492,7 @@ class CoDeImageProcessor(BaseImageProcessor):
                     scores = F.interpolate(
                         scores[None], size=size, mode="bilinear", align_corners=False, antialias=False
                     )[0]
-            segmentations.append(scores.argmax(dim=0))
+            # the indices of torch.max (the first maximum, as argmax's): its reduction over the class dimension
+            # is several times faster on the CPU than torch.argmax's
+            segmentations.append(scores.max(dim=0).indices)
         return segmentations
