@@ -3,7 +3,7 @@ against it) with less memory or less work:
 
 - Memory-lean autograd functions, shaped like timm's ``layers/activations_me.py``: for each op plain
   ``*_fwd``/``*_bwd`` functions, an autograd ``Function`` calling them that saves only its inputs for backward,
-  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``), total
+  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``; without gradients, with one temporary), total
   variation (``total_variation``), and the masker decoder's 3×3 convolution of a nearest-×2 upsampled map
   (``upsampled_conv3x3``: tap products and their phase sums).
 - ``PatchEmbeddingConv2d``: a ViT patch embedding as one matrix product.
@@ -56,15 +56,23 @@ class QuickGELUFunction(torch.autograd.Function):
         return quick_gelu_bwd(x, grad_output)
 
 
+def quick_gelu_inference(x: torch.Tensor) -> torch.Tensor:
+    """``quick_gelu_fwd`` with the same operations in one temporary, where the expression allocates three: for
+    passes that keep nothing for backward (the MLP activations are a frozen block's largest tensors)."""
+    return x.mul(1.702).sigmoid_().mul_(x)
+
+
 class MemoryLeanQuickGELU(nn.Module):
     """CLIP's QuickGELU with the same values, saving one tensor for backward instead of two.
 
     Gradients flow through the frozen towers (region highlighting, highlighted captions), where the MLP
-    activations are the largest tensors kept for backward.
+    activations are the largest tensors kept for backward. Without gradients, ``quick_gelu_inference``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QuickGELUFunction.apply(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return QuickGELUFunction.apply(x)
+        return quick_gelu_inference(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -509,6 +517,7 @@ __all__ = [
     "phase_sum_fwd",
     "quick_gelu_bwd",
     "quick_gelu_fwd",
+    "quick_gelu_inference",
     "self_only_attention_block",
     "tap_layout",
     "tap_products",

@@ -655,6 +655,9 @@ def test_memory_lean_quick_gelu_matches_clip_and_saves_one_tensor(tiny_code_mode
     torch.testing.assert_close(y, reference, rtol=0, atol=0)
     torch.testing.assert_close(grad, reference_grad, rtol=1e-6, atol=1e-6)
     assert (saved, reference_saved) == (1, 2)
+    with torch.no_grad():  # the in-place inference path: the same bits
+        torch.testing.assert_close(MemoryLeanQuickGELU()(x), QuickGELUActivation()(x), rtol=0, atol=0)
+    torch.testing.assert_close(MemoryLeanQuickGELU()(x.detach()), reference.detach(), rtol=0, atol=0)
 
 
 def test_global_image_embedding_with_class_token_last_block_equals_clip(tiny_code_model):
