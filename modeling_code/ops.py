@@ -179,10 +179,33 @@ def use_memory_lean_layers(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 # The masker decoder's 3×3 convolution of a nearest-×2 upsampled map, from tap products (docs/method.md#masker)
 # --------------------------------------------------------------------------------------------------------------
+# Side of the tiles in which matrices are transposed: transposed in one go, one of the two matrices is walked
+# with a stride of a whole row, and every element read or written misses the cache.
+TRANSPOSE_TILE = 768
+
+
+def transposed_in_tiles(matrix: torch.Tensor) -> torch.Tensor:
+    """A 2-D matrix's transpose as a contiguous copy, made tile by tile: ``matrix.t().contiguous()``."""
+    rows, columns = matrix.shape
+    out = matrix.new_empty(columns, rows)
+    for row in range(0, rows, TRANSPOSE_TILE):
+        for column in range(0, columns, TRANSPOSE_TILE):
+            tile = matrix[row : row + TRANSPOSE_TILE, column : column + TRANSPOSE_TILE]
+            out[column : column + TRANSPOSE_TILE, row : row + TRANSPOSE_TILE].copy_(tile.t())
+    return out
+
+
 def tap_layout(weight: torch.Tensor) -> torch.Tensor:
     """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
-    output channel): a copy, since no view of the weight has that layout."""
-    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
+    output channel): a copy, since no view of the weight has that layout. It is the transpose of the weight
+    seen as [C_out, C_in * 3 * 3]."""
+    return transposed_in_tiles(weight.reshape(weight.shape[0], -1)).view(weight.shape[1], -1)
+
+
+def kernel_layout(taps: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``tap_layout``: [C_in, 3 * 3 * C_out] -> a contiguous [C_out, C_in, 3, 3]."""
+    in_channels = taps.shape[0]
+    return transposed_in_tiles(taps.reshape(in_channels * 9, -1)).view(-1, in_channels, 3, 3)
 
 
 def tap_products_fwd(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -195,11 +218,7 @@ def tap_products_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``tap_products_fwd`` w.r.t. (activated, weight), each None where not needed."""
     grad_activated = grad_taps @ tap_layout(weight).t() if needs_input_grad[0] else None
-    grad_weight = None
-    if needs_input_grad[1]:
-        out_channels, in_channels = weight.shape[:2]
-        grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
-        grad_weight = grad_weight.contiguous()
+    grad_weight = kernel_layout(activated.t() @ grad_taps) if needs_input_grad[1] else None
     return grad_activated, grad_weight
 
 
@@ -226,22 +245,22 @@ def tap_products(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return TapProductsFunction.apply(activated, weight)
 
 
-def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
+def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
 
     ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
     (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
     ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
     phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
-    offset dimension.
+    offset dimension, written to ``out`` when given.
     """
     size = taps.shape[axis]
     offset = [taps.select(axis + 2, k) for k in range(3)]
     if phase == 0:
-        total = offset[1] + offset[2]
+        total = torch.add(offset[1], offset[2], out=out)
         total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
     else:
-        total = offset[0] + offset[1]
+        total = torch.add(offset[0], offset[1], out=out)
         total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
     return total
 
@@ -265,7 +284,7 @@ def phase_sum_fwd(taps: torch.Tensor) -> torch.Tensor:
     for column_phase in range(2):
         column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
         for row_phase in range(2):
-            out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+            _sum_phase_taps(column_sums, 1, row_phase, out=out[:, :, row_phase, :, column_phase])
     return out
 
 
@@ -512,6 +531,7 @@ __all__ = [
     "causal_block_packed",
     "class_token_block",
     "gumbel_sigmoid_straight_through",
+    "kernel_layout",
     "pack_prefix_groups",
     "phase_sum_bwd",
     "phase_sum_fwd",
@@ -526,6 +546,7 @@ __all__ = [
     "total_variation",
     "total_variation_bwd",
     "total_variation_fwd",
+    "transposed_in_tiles",
     "upsampled_conv3x3",
     "use_memory_lean_layers",
 ]

@@ -32,9 +32,12 @@ from modeling_code.ops import (
     MemoryLeanQuickGELU,
     PatchEmbeddingConv2d,
     gumbel_sigmoid_straight_through,
+    kernel_layout,
     self_only_attention_block,
+    tap_layout,
     tap_products,
     total_variation,
+    transposed_in_tiles,
 )
 
 
@@ -115,6 +118,19 @@ def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, reference):
     assert out.shape == (2, 12, 20, 48)
     expected = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=4, mode="nearest").permute(0, 2, 3, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (1000, 1700), (768, 6912)])  # one tile, partial tiles, whole tiles
+def test_tiled_transpose_is_the_transpose(shape):
+    matrix = torch.randn(shape)
+    assert torch.equal(transposed_in_tiles(matrix), matrix.t().contiguous())
+
+
+def test_tap_layout_and_kernel_layout_are_inverse_permutations():
+    weight = torch.randn(40, 24, 3, 3)
+    taps = tap_layout(weight)
+    assert torch.equal(taps, weight.permute(1, 2, 3, 0).reshape(24, 9 * 40))
+    assert torch.equal(kernel_layout(taps), weight) and kernel_layout(taps).is_contiguous()
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (7, 4)])
