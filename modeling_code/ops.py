@@ -3,9 +3,9 @@ against it) with less memory or less work:
 
 - Memory-lean autograd functions, shaped like timm's ``layers/activations_me.py``: for each op plain
   ``*_fwd``/``*_bwd`` functions, an autograd ``Function`` calling them that saves only its inputs for backward,
-  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``; without gradients, with one temporary), total
-  variation (``total_variation``), and the masker decoder's 3×3 convolution of a nearest-×2 upsampled map
-  (``upsampled_conv3x3``: tap products and their phase sums).
+  and the thin module or functional wrapper the model uses. A CLIP MLP's QuickGELU and second layer
+  (``MemoryLeanCLIPMLP``), total variation (``total_variation``), and the masker decoder's 3×3 convolution of
+  a nearest-×2 upsampled map (``upsampled_conv3x3``: tap products and their phase sums).
 - ``PatchEmbeddingConv2d``: a ViT patch embedding as one matrix product.
 - ``use_memory_lean_layers``: swaps CLIP's layers inside a module for the memory-lean ones, in place.
 - CLIP blocks evaluated for less: self-only attention, the class token alone, and causal text sequences
@@ -28,11 +28,12 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer, CL
 
 
 # --------------------------------------------------------------------------------------------------------------
-# QuickGELU
+# QuickGELU and a CLIP MLP's second layer
 # --------------------------------------------------------------------------------------------------------------
 def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(1.702 x)``."""
-    return x * torch.sigmoid(1.702 * x)
+    """``x * sigmoid(1.702 x)`` with the same operations in one temporary, where the expression allocates
+    three (no autograd through it)."""
+    return x.mul(1.702).sigmoid_().mul_(x)
 
 
 def quick_gelu_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
@@ -42,37 +43,64 @@ def quick_gelu_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return grad_output * gate + 1.702 * torch.ops.aten.sigmoid_backward(grad_output * x, gate)
 
 
-class QuickGELUFunction(torch.autograd.Function):
-    """QuickGELU keeping only x for backward, where autograd keeps x and the sigmoid."""
+def quick_gelu_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(quick_gelu(x), weight, bias)``: a CLIP MLP after its first layer (x: the first layer's output)."""
+    return F.linear(quick_gelu_fwd(x), weight, bias)
+
+
+def quick_gelu_linear_bwd(
+    x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor, needs_input_grad: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``quick_gelu_linear_fwd`` w.r.t. (x, weight, bias), each None where not needed; the
+    activation is recomputed from x."""
+    grad_x = quick_gelu_bwd(x, grad_output @ weight) if needs_input_grad[0] else None
+    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    grad_weight = None
+    if needs_input_grad[1]:
+        grad_weight = grad_rows.t() @ quick_gelu_fwd(x).reshape(-1, x.shape[-1])
+    grad_bias = grad_rows.sum(0) if needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+class QuickGELULinearFunction(torch.autograd.Function):
+    """QuickGELU and a linear layer keeping only the activation's input (and the weight) for backward, where
+    autograd keeps the input and the activation, both as large as the MLP's hidden layer. Backward computes
+    in the forward product's dtype (autocast may have lowered it); autograd casts the gradients back to the
+    inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return quick_gelu_fwd(x)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        out = quick_gelu_linear_fwd(x, weight, bias)
+        ctx.compute_dtype = out.dtype
+        return out
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return quick_gelu_bwd(x, grad_output)
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
+        return quick_gelu_linear_bwd(x, weight, grad_output.to(ctx.compute_dtype), ctx.needs_input_grad)
 
 
-def quick_gelu_inference(x: torch.Tensor) -> torch.Tensor:
-    """``quick_gelu_fwd`` with the same operations in one temporary, where the expression allocates three: for
-    passes that keep nothing for backward (the MLP activations are a frozen block's largest tensors)."""
-    return x.mul(1.702).sigmoid_().mul_(x)
-
-
-class MemoryLeanQuickGELU(nn.Module):
-    """CLIP's QuickGELU with the same values, saving one tensor for backward instead of two.
+class MemoryLeanCLIPMLP(CLIPMLP):
+    """CLIP's MLP with the same parameters and values, keeping one hidden-layer-sized tensor for backward
+    instead of three (the first layer's output, the activation's sigmoid and its output).
 
     Gradients flow through the frozen towers (region highlighting, highlighted captions), where the MLP
-    activations are the largest tensors kept for backward. Without gradients, ``quick_gelu_inference``.
+    activations are the largest tensors kept for backward. Without gradients, the activation takes one
+    temporary instead of three.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return QuickGELUFunction.apply(x)
-        return quick_gelu_inference(x)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)
+        return QuickGELULinearFunction.apply(hidden_states, self.fc2.weight, self.fc2.bias)
+
+    @classmethod
+    def replacing(cls, mlp: CLIPMLP) -> MemoryLeanCLIPMLP:
+        """The same MLP (its layers shared) as a ``MemoryLeanCLIPMLP``."""
+        with torch.device("meta"):
+            lean = cls(mlp.config)
+        lean.fc1, lean.fc2 = mlp.fc1, mlp.fc2
+        return lean
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,17 +189,18 @@ def use_memory_lean_layers(module: nn.Module) -> nn.Module:
     """Swap CLIP's layers inside ``module`` (in place) for ones with the same values and parameters that keep
     less for backward or compute their gradients faster; returns ``module``.
 
-    - the QuickGELU of every CLIP-style MLP, frozen or not -> ``MemoryLeanQuickGELU``;
+    - every QuickGELU CLIP MLP, frozen or not -> ``MemoryLeanCLIPMLP``, sharing its layers;
     - the patch convolution of every CLIP vision embedding -> ``PatchEmbeddingConv2d``, sharing its parameters.
 
-    Configs and saved weights do not change: the activation holds no parameters and the configs keep
-    ``hidden_act="quick_gelu"``; the patch convolution keeps its parameters under the same names. Call it
+    Configs and saved weights do not change: the configs keep ``hidden_act="quick_gelu"`` and both keep their
+    parameters under the same names. Call it
     once the layers are built and before weights are loaded or initialised (it shares, never copies, them).
     """
     for submodule in list(module.modules()):
-        if isinstance(submodule, CLIPMLP) and isinstance(submodule.activation_fn, QuickGELUActivation):
-            submodule.activation_fn = MemoryLeanQuickGELU()
-        elif isinstance(submodule, CLIPVisionEmbeddings):
+        for name, child in list(submodule.named_children()):
+            if type(child) is CLIPMLP and isinstance(child.activation_fn, QuickGELUActivation):
+                setattr(submodule, name, MemoryLeanCLIPMLP.replacing(child))
+        if isinstance(submodule, CLIPVisionEmbeddings):
             submodule.patch_embedding = PatchEmbeddingConv2d.replacing(submodule.patch_embedding)
     return module
 
@@ -520,10 +549,10 @@ def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, nois
 
 
 __all__ = [
-    "MemoryLeanQuickGELU",
+    "MemoryLeanCLIPMLP",
     "PackedSequences",
     "PatchEmbeddingConv2d",
-    "QuickGELUFunction",
+    "QuickGELULinearFunction",
     "TapProductsFunction",
     "TotalVariationFunction",
     "UpsampledConvPhaseSumFunction",
@@ -537,7 +566,8 @@ __all__ = [
     "phase_sum_fwd",
     "quick_gelu_bwd",
     "quick_gelu_fwd",
-    "quick_gelu_inference",
+    "quick_gelu_linear_bwd",
+    "quick_gelu_linear_fwd",
     "self_only_attention_block",
     "tap_layout",
     "tap_products",
