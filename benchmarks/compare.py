@@ -1,10 +1,12 @@
 """Every row of shared/reference/PERFORMANCE.md for code-seg on this CPU, side by side with the targets.
 
-    python benchmarks/compare.py [--threads 2] [--runs 3] [--passive-wait]
+    python benchmarks/compare.py [--threads 2] [--runs 3] [--passive-wait] [--stages]
 
 A randomly initialised ViT-B/16-sized CoDe (same cost as trained weights). Each row: our median time, our ratio
 to a bare ``CLIPVisionModel`` pass over the same windows measured in the same process, and the target. The
-training-step peak RSS is measured in a fresh subprocess. Reuses benchmarks/inference.py and train_step.py.
+training-step peak RSS is measured in a fresh subprocess. ``--stages`` adds, for the window and the VOC-size
+image, where the time goes: each stage's time, multiply-accumulates and their rate against the bare pass's
+(benchmarks/stages.py). Reuses benchmarks/inference.py, train_step.py and stages.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import inference  # sibling benchmark scripts
+import stages
 import train_step
 
 from modeling_code.evaluation.specs import get_benchmark
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--passive-wait", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (shared machines)")
+    parser.add_argument("--stages", action="store_true", help="also profile the window and VOC image by stage")
     args = parser.parse_args()
     if args.passive_wait:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -145,6 +149,10 @@ def main() -> None:
     for title, key, ours, ratio in rows:
         original, original_ratio, target = ORIGINAL[key]
         print(f"| {title:60s} | {original:9s} | {original_ratio:11s} | {ours:26s} | {ratio:20s} | {target} |")
+    if args.stages:
+        for scenario in inference.SCENARIOS[:2]:
+            print()
+            stages.print_profile(scenario.key, args.threads, args.runs)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@ against it) with less memory or less work:
 
 - Memory-lean autograd functions, shaped like timm's ``layers/activations_me.py``: for each op plain
   ``*_fwd``/``*_bwd`` functions, an autograd ``Function`` calling them that saves only its inputs for backward,
-  and the thin module or functional wrapper the model uses. QuickGELU (``MemoryLeanQuickGELU``), total
-  variation (``total_variation``), and the masker decoder's 3×3 convolution of a nearest-×2 upsampled map
-  (``upsampled_conv3x3``: tap products and their phase sums).
+  and the thin module or functional wrapper the model uses. A CLIP MLP's QuickGELU and second layer
+  (``MemoryLeanCLIPMLP``), total variation (``total_variation``), and the masker decoder's 3×3 convolution of
+  a nearest-×2 upsampled map (``upsampled_conv3x3``: tap products and their phase sums).
 - ``PatchEmbeddingConv2d``: a ViT patch embedding as one matrix product.
 - ``use_memory_lean_layers``: swaps CLIP's layers inside a module for the memory-lean ones, in place.
 - CLIP blocks evaluated for less: self-only attention, the class token alone, and causal text sequences
@@ -28,11 +28,12 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer, CL
 
 
 # --------------------------------------------------------------------------------------------------------------
-# QuickGELU
+# QuickGELU and a CLIP MLP's second layer
 # --------------------------------------------------------------------------------------------------------------
 def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(1.702 x)``."""
-    return x * torch.sigmoid(1.702 * x)
+    """``x * sigmoid(1.702 x)`` with the same operations in one temporary, where the expression allocates
+    three (no autograd through it)."""
+    return x.mul(1.702).sigmoid_().mul_(x)
 
 
 def quick_gelu_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
@@ -42,29 +43,64 @@ def quick_gelu_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return grad_output * gate + 1.702 * torch.ops.aten.sigmoid_backward(grad_output * x, gate)
 
 
-class QuickGELUFunction(torch.autograd.Function):
-    """QuickGELU keeping only x for backward, where autograd keeps x and the sigmoid."""
+def quick_gelu_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(quick_gelu(x), weight, bias)``: a CLIP MLP after its first layer (x: the first layer's output)."""
+    return F.linear(quick_gelu_fwd(x), weight, bias)
+
+
+def quick_gelu_linear_bwd(
+    x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor, needs_input_grad: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``quick_gelu_linear_fwd`` w.r.t. (x, weight, bias), each None where not needed; the
+    activation is recomputed from x."""
+    grad_x = quick_gelu_bwd(x, grad_output @ weight) if needs_input_grad[0] else None
+    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    grad_weight = None
+    if needs_input_grad[1]:
+        grad_weight = grad_rows.t() @ quick_gelu_fwd(x).reshape(-1, x.shape[-1])
+    grad_bias = grad_rows.sum(0) if needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+class QuickGELULinearFunction(torch.autograd.Function):
+    """QuickGELU and a linear layer keeping only the activation's input (and the weight) for backward, where
+    autograd keeps the input and the activation, both as large as the MLP's hidden layer. Backward computes
+    in the forward product's dtype (autocast may have lowered it); autograd casts the gradients back to the
+    inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return quick_gelu_fwd(x)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        out = quick_gelu_linear_fwd(x, weight, bias)
+        ctx.compute_dtype = out.dtype
+        return out
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return quick_gelu_bwd(x, grad_output)
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
+        return quick_gelu_linear_bwd(x, weight, grad_output.to(ctx.compute_dtype), ctx.needs_input_grad)
 
 
-class MemoryLeanQuickGELU(nn.Module):
-    """CLIP's QuickGELU with the same values, saving one tensor for backward instead of two.
+class MemoryLeanCLIPMLP(CLIPMLP):
+    """CLIP's MLP with the same parameters and values, keeping one hidden-layer-sized tensor for backward
+    instead of three (the first layer's output, the activation's sigmoid and its output).
 
     Gradients flow through the frozen towers (region highlighting, highlighted captions), where the MLP
-    activations are the largest tensors kept for backward.
+    activations are the largest tensors kept for backward. Without gradients, the activation takes one
+    temporary instead of three.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QuickGELUFunction.apply(x)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)
+        return QuickGELULinearFunction.apply(hidden_states, self.fc2.weight, self.fc2.bias)
+
+    @classmethod
+    def replacing(cls, mlp: CLIPMLP) -> MemoryLeanCLIPMLP:
+        """The same MLP (its layers shared) as a ``MemoryLeanCLIPMLP``."""
+        with torch.device("meta"):
+            lean = cls(mlp.config)
+        lean.fc1, lean.fc2 = mlp.fc1, mlp.fc2
+        return lean
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -153,17 +189,18 @@ def use_memory_lean_layers(module: nn.Module) -> nn.Module:
     """Swap CLIP's layers inside ``module`` (in place) for ones with the same values and parameters that keep
     less for backward or compute their gradients faster; returns ``module``.
 
-    - the QuickGELU of every CLIP-style MLP, frozen or not -> ``MemoryLeanQuickGELU``;
+    - every QuickGELU CLIP MLP, frozen or not -> ``MemoryLeanCLIPMLP``, sharing its layers;
     - the patch convolution of every CLIP vision embedding -> ``PatchEmbeddingConv2d``, sharing its parameters.
 
-    Configs and saved weights do not change: the activation holds no parameters and the configs keep
-    ``hidden_act="quick_gelu"``; the patch convolution keeps its parameters under the same names. Call it
+    Configs and saved weights do not change: the configs keep ``hidden_act="quick_gelu"`` and both keep their
+    parameters under the same names. Call it
     once the layers are built and before weights are loaded or initialised (it shares, never copies, them).
     """
     for submodule in list(module.modules()):
-        if isinstance(submodule, CLIPMLP) and isinstance(submodule.activation_fn, QuickGELUActivation):
-            submodule.activation_fn = MemoryLeanQuickGELU()
-        elif isinstance(submodule, CLIPVisionEmbeddings):
+        for name, child in list(submodule.named_children()):
+            if type(child) is CLIPMLP and isinstance(child.activation_fn, QuickGELUActivation):
+                setattr(submodule, name, MemoryLeanCLIPMLP.replacing(child))
+        if isinstance(submodule, CLIPVisionEmbeddings):
             submodule.patch_embedding = PatchEmbeddingConv2d.replacing(submodule.patch_embedding)
     return module
 
@@ -171,10 +208,33 @@ def use_memory_lean_layers(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 # The masker decoder's 3×3 convolution of a nearest-×2 upsampled map, from tap products (docs/method.md#masker)
 # --------------------------------------------------------------------------------------------------------------
+# Side of the tiles in which matrices are transposed: transposed in one go, one of the two matrices is walked
+# with a stride of a whole row, and every element read or written misses the cache.
+TRANSPOSE_TILE = 768
+
+
+def transposed_in_tiles(matrix: torch.Tensor) -> torch.Tensor:
+    """A 2-D matrix's transpose as a contiguous copy, made tile by tile: ``matrix.t().contiguous()``."""
+    rows, columns = matrix.shape
+    out = matrix.new_empty(columns, rows)
+    for row in range(0, rows, TRANSPOSE_TILE):
+        for column in range(0, columns, TRANSPOSE_TILE):
+            tile = matrix[row : row + TRANSPOSE_TILE, column : column + TRANSPOSE_TILE]
+            out[column : column + TRANSPOSE_TILE, row : row + TRANSPOSE_TILE].copy_(tile.t())
+    return out
+
+
 def tap_layout(weight: torch.Tensor) -> torch.Tensor:
     """A 3×3 convolution weight [C_out, C_in, 3, 3] as one matrix [C_in, 3 * 3 * C_out] (row tap, column tap,
-    output channel): a copy, since no view of the weight has that layout."""
-    return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
+    output channel): a copy, since no view of the weight has that layout. It is the transpose of the weight
+    seen as [C_out, C_in * 3 * 3]."""
+    return transposed_in_tiles(weight.reshape(weight.shape[0], -1)).view(weight.shape[1], -1)
+
+
+def kernel_layout(taps: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``tap_layout``: [C_in, 3 * 3 * C_out] -> a contiguous [C_out, C_in, 3, 3]."""
+    in_channels = taps.shape[0]
+    return transposed_in_tiles(taps.reshape(in_channels * 9, -1)).view(-1, in_channels, 3, 3)
 
 
 def tap_products_fwd(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -187,11 +247,7 @@ def tap_products_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``tap_products_fwd`` w.r.t. (activated, weight), each None where not needed."""
     grad_activated = grad_taps @ tap_layout(weight).t() if needs_input_grad[0] else None
-    grad_weight = None
-    if needs_input_grad[1]:
-        out_channels, in_channels = weight.shape[:2]
-        grad_weight = (activated.t() @ grad_taps).view(in_channels, 3, 3, out_channels).permute(3, 0, 1, 2)
-        grad_weight = grad_weight.contiguous()
+    grad_weight = kernel_layout(activated.t() @ grad_taps) if needs_input_grad[1] else None
     return grad_activated, grad_weight
 
 
@@ -218,22 +274,22 @@ def tap_products(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return TapProductsFunction.apply(activated, weight)
 
 
-def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
+def _sum_phase_taps(taps: torch.Tensor, axis: int, phase: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum the three 3×3-kernel taps along one spatial axis for one output phase of a nearest-×2 upsampled map.
 
     ``taps`` holds, per low-resolution position along ``axis``, the products of the three kernel offsets
     (0, 1, 2) on dimension ``axis + 2``. Output row ``2i + phase`` reads the upsampled rows ``2i + phase - 1``,
     ``2i + phase``, ``2i + phase + 1``, i.e. low-resolution rows (i-1, i, i) for phase 0 and (i, i, i+1) for
     phase 1; a neighbour outside the map is the convolution's zero padding. Returns ``taps`` without the
-    offset dimension.
+    offset dimension, written to ``out`` when given.
     """
     size = taps.shape[axis]
     offset = [taps.select(axis + 2, k) for k in range(3)]
     if phase == 0:
-        total = offset[1] + offset[2]
+        total = torch.add(offset[1], offset[2], out=out)
         total.narrow(axis, 1, size - 1).add_(offset[0].narrow(axis, 0, size - 1))
     else:
-        total = offset[0] + offset[1]
+        total = torch.add(offset[0], offset[1], out=out)
         total.narrow(axis, 0, size - 1).add_(offset[2].narrow(axis, 1, size - 1))
     return total
 
@@ -257,7 +313,7 @@ def phase_sum_fwd(taps: torch.Tensor) -> torch.Tensor:
     for column_phase in range(2):
         column_sums = _sum_phase_taps(taps, 2, column_phase)  # [B, H, W, row tap, C]
         for row_phase in range(2):
-            out[:, :, row_phase, :, column_phase] = _sum_phase_taps(column_sums, 1, row_phase)
+            _sum_phase_taps(column_sums, 1, row_phase, out=out[:, :, row_phase, :, column_phase])
     return out
 
 
@@ -493,10 +549,10 @@ def gumbel_sigmoid_straight_through(logits: torch.Tensor, tau: float = 1.0, nois
 
 
 __all__ = [
-    "MemoryLeanQuickGELU",
+    "MemoryLeanCLIPMLP",
     "PackedSequences",
     "PatchEmbeddingConv2d",
-    "QuickGELUFunction",
+    "QuickGELULinearFunction",
     "TapProductsFunction",
     "TotalVariationFunction",
     "UpsampledConvPhaseSumFunction",
@@ -504,11 +560,14 @@ __all__ = [
     "causal_block_packed",
     "class_token_block",
     "gumbel_sigmoid_straight_through",
+    "kernel_layout",
     "pack_prefix_groups",
     "phase_sum_bwd",
     "phase_sum_fwd",
     "quick_gelu_bwd",
     "quick_gelu_fwd",
+    "quick_gelu_linear_bwd",
+    "quick_gelu_linear_fwd",
     "self_only_attention_block",
     "tap_layout",
     "tap_products",
@@ -517,6 +576,7 @@ __all__ = [
     "total_variation",
     "total_variation_bwd",
     "total_variation_fwd",
+    "transposed_in_tiles",
     "upsampled_conv3x3",
     "use_memory_lean_layers",
 ]

@@ -7,15 +7,19 @@ neighbourhoods at all dilations (centre included once per dilation); affinities 
 and soft-maxed over the 48 neighbours. Each iteration then replaces every mask value by the affinity-weighted
 sum of its 48 neighbours' values: a convex combination, so constant masks stay constant.
 
-``pamr`` is the fast path: the 48 neighbours are views into one padded copy of the image or mask, the affinity
-is built in one vectorised pass, and each iteration is 48 in-place multiply-adds over all windows and classes
-at once (materialising the [B, N, 48, H, W] neighbour stack instead would take 48 times the memory). The
-definition written out (per-dilation convolutions with one-hot 3×3 kernels) is the test-side reference
-``pamr_reference`` in ``tests/reference_implementations.py``.
+``pamr`` is the fast path. The affinity is built from views into one padded copy of the image, in one
+vectorised pass. An iteration is a linear map of the masks with the same weights for every class: on the CPU
+it runs as one sparse matrix product (each pixel's row holds its weights at its neighbours' columns; replicate
+padding clamps the coordinates), which reads every class value of a neighbour once; elsewhere as 48 in-place
+multiply-adds of views into a padded copy of the masks (materialising the [B, N, 48, H, W] neighbour stack
+instead would take 48 times the memory). The definition written out (per-dilation convolutions with one-hot
+3×3 kernels) is the test-side reference ``pamr_reference`` in ``tests/reference_implementations.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -82,11 +86,15 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor
         dim=2,
     )  # [B, 3, 8 * D, H, W]
     # The std pools each dilation's full 3×3 neighbourhood: its 8 neighbours plus the centre once per dilation.
-    centres = image[:, :, None].expand(-1, -1, len(dilations), -1, -1)
-    pooled = torch.cat([neighbours, centres], dim=2)
-    std = pooled.std(dim=2, keepdim=True)
-    affinity = -(neighbours - image[:, :, None]).abs() / (STD_EPS + STD_SCALE * std)
-    return affinity.mean(dim=1).softmax(dim=1)
+    # Two passes (the mean, then the squared deviations) over the stack: torch.std's reduction over a middle
+    # dimension is several times slower.
+    centre_count = len(dilations)
+    count = neighbours.shape[2] + centre_count
+    mean = (neighbours.sum(2) + centre_count * image) / count
+    squares = (neighbours - mean[:, :, None]).square_().sum(2) + centre_count * (image - mean).square_()
+    scale = squares.div_(count - 1).sqrt_().mul_(STD_SCALE).add_(STD_EPS)
+    affinity = (neighbours - image[:, :, None]).abs_().div_(scale[:, :, None])
+    return affinity.mean(dim=1).neg_().softmax(dim=1)
 
 
 def pamr(
@@ -111,6 +119,15 @@ def pamr(
     if iterations == 0:
         return masks
     affinity = pamr_affinity(_image_at_mask_size(image, masks), dilations)  # [B, K, H', W']
+    if masks.device.type == "cpu":
+        return _refine_with_sparse_matrix(masks, affinity, dilations, iterations)
+    return _refine_with_views(masks, affinity, dilations, iterations)
+
+
+def _refine_with_views(
+    masks: torch.Tensor, affinity: torch.Tensor, dilations: Sequence[int], iterations: int
+) -> torch.Tensor:
+    """``iterations`` refinement steps as 48 multiply-adds each, of views into a replicate-padded copy."""
     size = tuple(masks.shape[-2:])
     pad = max(dilations)
     for _ in range(iterations):
@@ -125,4 +142,80 @@ def pamr(
     return masks
 
 
-__all__ = ["NEIGHBOUR_STEPS", "pamr", "pamr_affinity"]
+def _neighbour_pixels(size: tuple[int, int], dilations: Sequence[int]) -> torch.Tensor:
+    """Flat index of every pixel's neighbour k (the order of ``pamr_affinity``), coordinates clamped to the
+    map (replicate padding): [H * W, 8 * len(dilations)]."""
+    height, width = size
+    rows = torch.arange(height)[:, None]
+    columns = torch.arange(width)[None]
+    return torch.stack(
+        [
+            (
+                (rows + row * dilation).clamp_(0, height - 1) * width
+                + (columns + column * dilation).clamp_(0, width - 1)
+            ).flatten()
+            for dilation in dilations
+            for row, column in NEIGHBOUR_STEPS
+        ],
+        dim=1,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _window_matrix_layout(height: int, width: int, dilations: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Where one window's weights go in its CSR refinement matrix, which depends only on the sizes:
+    (crow_indices [P + 1], column_indices [E], entry of each pixel's neighbour k [P, K]), int32.
+
+    Near the border several clamped neighbours are one pixel; a CSR row lists each column once and in order,
+    so such neighbours share an entry.
+    """
+    columns, order = _neighbour_pixels((height, width), dilations).sort(dim=1, stable=True)
+    is_entry = torch.ones_like(columns, dtype=torch.bool)
+    is_entry[:, 1:] = columns[:, 1:] != columns[:, :-1]
+    entry_of_sorted = is_entry.flatten().cumsum(0).view_as(columns) - 1
+    entry_of_neighbour = torch.empty_like(entry_of_sorted).scatter_(1, order, entry_of_sorted)
+    crow_indices = torch.cat([torch.zeros(1, dtype=torch.long), is_entry.sum(1).cumsum(0)])
+    return tuple(indices.int() for indices in (crow_indices, columns[is_entry], entry_of_neighbour))
+
+
+def affinity_matrix(affinity: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    """One refinement step as a sparse matrix: affinity [B, K, H, W] -> CSR [B * H * W, B * H * W].
+
+    Row ``b * H * W + p`` holds pixel p's weights at its neighbours' columns (block diagonal: every window on
+    its own); clamped neighbours that are one pixel have their weights summed, in neighbour order.
+    """
+    batch, _, height, width = affinity.shape
+    pixels = height * width
+    crow_indices, column_indices, entry_of_neighbour = (
+        indices.to(affinity.device) for indices in _window_matrix_layout(height, width, tuple(dilations))
+    )
+    entries = len(column_indices)
+    values = affinity.new_zeros(batch, entries)
+    weights = affinity.permute(0, 2, 3, 1)
+    for window in range(batch):
+        values[window].index_add_(0, entry_of_neighbour.flatten(), weights[window].flatten())
+    windows = torch.arange(batch, dtype=torch.int32, device=affinity.device)[:, None]
+    row_starts = (crow_indices[:-1] + windows * entries).flatten()
+    crow_indices = torch.cat([row_starts, row_starts.new_full((1,), batch * entries)])
+    column_indices = (column_indices + windows * pixels).flatten()
+    with warnings.catch_warnings():  # sparse CSR tensors are "beta" in torch; this use is plain
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow_indices, column_indices, values.flatten(), size=(batch * pixels,) * 2, check_invariants=False
+        )
+
+
+def _refine_with_sparse_matrix(
+    masks: torch.Tensor, affinity: torch.Tensor, dilations: Sequence[int], iterations: int
+) -> torch.Tensor:
+    """``iterations`` refinement steps as sparse matrix products of the masks laid out [B * H * W, N]: each
+    neighbour's class values are read together, where 48 multiply-adds of class-major maps each read and write
+    the whole output."""
+    batch, classes, height, width = masks.shape
+    matrix = affinity_matrix(affinity, dilations)
+    flat = masks.permute(0, 2, 3, 1).reshape(batch * height * width, classes)
+    for _ in range(iterations):
+        flat = matrix @ flat
+    return flat.view(batch, height, width, classes).permute(0, 3, 1, 2).contiguous()
+
+__all__ = ["NEIGHBOUR_STEPS", "affinity_matrix", "pamr", "pamr_affinity"]

@@ -29,12 +29,15 @@ from modeling_code import CoDeConfig, CoDeModel
 from modeling_code.losses import symmetric_infonce, tcl_feature_logits
 from modeling_code.masker import CoDeUpsampleBlock
 from modeling_code.ops import (
-    MemoryLeanQuickGELU,
+    MemoryLeanCLIPMLP,
     PatchEmbeddingConv2d,
     gumbel_sigmoid_straight_through,
+    kernel_layout,
     self_only_attention_block,
+    tap_layout,
     tap_products,
     total_variation,
+    transposed_in_tiles,
 )
 
 
@@ -115,6 +118,19 @@ def test_decoder_is_nearest_upsampling_at_init(tiny_code_model, reference):
     assert out.shape == (2, 12, 20, 48)
     expected = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=4, mode="nearest").permute(0, 2, 3, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (1000, 1700), (768, 6912)])  # one tile, partial tiles, whole tiles
+def test_tiled_transpose_is_the_transpose(shape):
+    matrix = torch.randn(shape)
+    assert torch.equal(transposed_in_tiles(matrix), matrix.t().contiguous())
+
+
+def test_tap_layout_and_kernel_layout_are_inverse_permutations():
+    weight = torch.randn(40, 24, 3, 3)
+    taps = tap_layout(weight)
+    assert torch.equal(taps, weight.permute(1, 2, 3, 0).reshape(24, 9 * 40))
+    assert torch.equal(kernel_layout(taps), weight) and kernel_layout(taps).is_contiguous()
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (7, 4)])
@@ -613,14 +629,6 @@ def test_remote_code_loads_without_the_package(tiny_code_model, tmp_path):
     assert result.stdout.split()[-2:] == ["CoDeModel", str(expected)]
 
 
-def _activation_values_gradient_and_saved_count(activation, x: torch.Tensor, upstream: torch.Tensor):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
-        y = activation(x)
-    (grad,) = torch.autograd.grad(y, x, upstream)
-    return y, grad, len(set(saved))  # distinct tensors kept for backward
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_patch_embedding_as_a_matrix_product_equals_the_convolution(bias):
     conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=bias)
@@ -642,19 +650,31 @@ def test_the_frozen_clip_embeds_patches_with_a_matrix_product(tiny_code_model):
     assert isinstance(tiny_code_model.clip.vision_model.embeddings.patch_embedding, PatchEmbeddingConv2d)
 
 
-def test_memory_lean_quick_gelu_matches_clip_and_saves_one_tensor(tiny_code_model):
-    from transformers.activations import QuickGELUActivation
+def test_memory_lean_mlp_matches_clip_and_saves_one_hidden_sized_tensor(tiny_code_model):
+    from transformers.models.clip.modeling_clip import CLIPMLP
 
-    assert isinstance(tiny_code_model.clip.vision_model.encoder.layers[0].mlp.activation_fn, MemoryLeanQuickGELU)
-    x = (torch.randn(3, 7, 11) * 4).requires_grad_()
-    upstream = torch.randn(3, 7, 11)
-    y, grad, saved = _activation_values_gradient_and_saved_count(MemoryLeanQuickGELU(), x, upstream)
-    reference, reference_grad, reference_saved = _activation_values_gradient_and_saved_count(
-        QuickGELUActivation(), x, upstream
-    )
-    torch.testing.assert_close(y, reference, rtol=0, atol=0)
-    torch.testing.assert_close(grad, reference_grad, rtol=1e-6, atol=1e-6)
-    assert (saved, reference_saved) == (1, 2)
+    assert isinstance(tiny_code_model.clip.vision_model.encoder.layers[0].mlp, MemoryLeanCLIPMLP)
+    assert isinstance(tiny_code_model.text_decoder.layers[0].mlp, MemoryLeanCLIPMLP)
+    torch.manual_seed(0)
+    mlp = CLIPMLP(tiny_code_model.config.clip_config.vision_config)
+    lean = MemoryLeanCLIPMLP.replacing(mlp)
+    assert lean.fc1 is mlp.fc1 and lean.fc2 is mlp.fc2 and list(lean.state_dict()) == list(mlp.state_dict())
+    x = (torch.randn(3, 7, 48) * 4).requires_grad_()
+    upstream = torch.randn(3, 7, 48)
+    results = []
+    for module in (lean, mlp):
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            y = module(x)
+        hidden_sized = {t.data_ptr() for t in saved if t.numel() == 3 * 7 * mlp.fc1.out_features}  # distinct
+        grads = torch.autograd.grad(y, [x, *mlp.parameters()], upstream)
+        results.append((y, grads, len(hidden_sized)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for grad, reference_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-5)
+    assert (results[0][2], results[1][2]) == (1, 3)
+    with torch.no_grad():  # the activation in one temporary: the same bits
+        torch.testing.assert_close(lean(x), mlp(x), rtol=0, atol=0)
 
 
 def test_global_image_embedding_with_class_token_last_block_equals_clip(tiny_code_model):

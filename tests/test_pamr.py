@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from reference_implementations import pamr_reference
 
-from modeling_code.pamr import NEIGHBOUR_STEPS, pamr, pamr_affinity
+from modeling_code.pamr import (
+    NEIGHBOUR_STEPS,
+    _refine_with_sparse_matrix,
+    _refine_with_views,
+    affinity_matrix,
+    pamr,
+    pamr_affinity,
+)
 
 DILATIONS = (1, 2, 4, 8, 12, 24)
 
@@ -35,6 +42,40 @@ def test_fast_path_equals_reference(image_size, mask_size):
     reference = pamr_reference(image, masks, iterations=10, dilations=DILATIONS)
     assert fast.shape == masks.shape and fast.dtype == torch.float32
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+
+
+def test_both_refinement_paths_equal_the_reference():
+    """The CPU refines with sparse matrix products, other devices with multiply-adds of views: both on the CPU."""
+    generator = torch.Generator().manual_seed(6)
+    image = torch.randn(2, 3, 19, 26, generator=generator)
+    masks = torch.rand(2, 5, 19, 26, generator=generator)
+    reference = pamr_reference(image, masks, iterations=10, dilations=DILATIONS)
+    affinity = pamr_affinity(image, DILATIONS)
+    for refine in (_refine_with_sparse_matrix, _refine_with_views):
+        torch.testing.assert_close(refine(masks, affinity, DILATIONS, 10), reference, atol=1e-5, rtol=0)
+
+
+def test_affinity_matrix_is_a_valid_block_diagonal_csr_matrix_of_the_weights():
+    generator = torch.Generator().manual_seed(7)
+    image = torch.randn(2, 3, 9, 13, generator=generator)  # dilations beyond the map: many clamped neighbours
+    affinity = pamr_affinity(image, DILATIONS)
+    matrix = affinity_matrix(affinity, DILATIONS)
+    # sorted, distinct columns in every row (raises otherwise)
+    torch.sparse_csr_tensor(
+        matrix.crow_indices(), matrix.col_indices(), matrix.values(), matrix.shape, check_invariants=True
+    )
+    dense = matrix.to_dense().view(2, 9 * 13, 2, 9 * 13)
+    torch.testing.assert_close(dense[0, :, 1], torch.zeros(9 * 13, 9 * 13))
+    torch.testing.assert_close(dense[1, :, 0], torch.zeros(9 * 13, 9 * 13))
+    offsets = neighbour_offsets()
+    for window in range(2):
+        expected = torch.zeros(9 * 13, 9 * 13)
+        for y in range(9):
+            for x in range(13):
+                for k, (dy, dx) in enumerate(offsets):
+                    column = min(max(y + dy, 0), 8) * 13 + min(max(x + dx, 0), 12)
+                    expected[y * 13 + x, column] += affinity[window, k, y, x]
+        torch.testing.assert_close(dense[window, :, window], expected)
 
 
 def test_constant_masks_stay_constant():
