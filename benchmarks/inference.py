@@ -88,10 +88,10 @@ def _runner(configuration: str, model, bare, image_processor, vocabulary, image)
     """A no-argument callable doing one run of ``configuration``, and the number of windows it covers."""
     import torch
 
-    from modeling_code.inference import segment_images, sliding_windows
+    from modeling_code.inference import sliding_windows
 
     config = model.config
-    height, width = image_processor.eval_size(image.height, image.width)
+    height, width = image_processor.eval_size(image.height, image.width, config.inference_protocol)
     windows = sliding_windows(height, width, config.window_size, config.window_stride)
     if configuration == "bare":
         batch = torch.randn(len(windows), 3, windows[0].height, windows[0].width)
@@ -103,9 +103,10 @@ def _runner(configuration: str, model, bare, image_processor, vocabulary, image)
         return run, len(windows)
 
     def run():
-        inputs = image_processor.preprocess(image)
-        outputs = segment_images(model, inputs["pixel_values"], vocabulary, use_pamr=configuration == "pamr")
-        image_processor.post_process_semantic_segmentation(outputs, target_sizes=inputs["original_sizes"])
+        protocol = config.inference_protocol.replace(use_pamr=configuration == "pamr")
+        inputs = image_processor.preprocess(image, protocol=protocol)
+        outputs = model(**inputs, **vocabulary.model_inputs(), protocol=protocol)
+        image_processor.post_process_semantic_segmentation(outputs)
 
     return run, len(windows)
 

@@ -66,7 +66,7 @@ def make_batch(config: CoDeConfig, batch_size: int) -> dict[str, torch.Tensor]:
         "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
         "caption_input_ids": token_rows(batch_size, [14, 17], vocab, eos, generator),
         "noun_input_ids": token_rows(num_rows, [1, 2], vocab, eos, generator),
-        "template_input_ids": token_rows(num_rows, [7, 9], vocab, eos, generator),
+        "kg_template_input_ids": token_rows(num_rows, [7, 9], vocab, eos, generator),
         "text_labels": labels,
     }
 

@@ -60,20 +60,20 @@ def test_dry_run_folder_loads_and_runs_the_cards_snippet_without_the_package(tra
     card = (staged / "README.md").read_text()
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "trust_remote_code" in block)
     script = NO_PACKAGE_PRELUDE + snippet.replace('"me/code-tiny"', repr(str(staged))) + (
-        "print(type(model).__module__, type(processor).__name__, 'x'.join(map(str, masks.shape)), "
-        "sum(p.numel() for p in model.parameters()), sep='|')\n"
+        "print(type(model).__module__, type(processor).__name__, 'x'.join(map(str, outputs.scores.shape[:2])), "
+        "'x'.join(map(str, label_map.shape)), sum(p.numel() for p in model.parameters()), sep='|')\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                                text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    module, processor_class, shape, parameters = completed.stdout.strip().splitlines()[-1].split("|")
+    module, processor_class, shape, label_shape, parameters = completed.stdout.strip().splitlines()[-1].split("|")
     assert module.startswith("transformers_modules.") and processor_class == "CoDeProcessor"
     from modeling_code import CoDeModel
 
     model = CoDeModel.from_pretrained(trained_dir)
     assert int(parameters) == sum(p.numel() for p in model.parameters())
-    assert shape == "1x3x32x32"  # 3 classes; a 64-pixel window of 8-pixel patches, decoded x4
+    assert shape == "1x4" and label_shape == "70x90"  # 4 classes; the label map at the photo's size
 
 
 class RecordingHub:
