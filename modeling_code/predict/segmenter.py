@@ -97,7 +97,7 @@ class CoDeSegmenter:
     """Open-vocabulary semantic segmentation with a CoDe model.
 
     Args:
-        model: a ``CoDeModel`` (any device and dtype).
+        model: a ``CoDeModel`` (any device and dtype), or a ``CoDeOnnxModel`` (``from_onnx``).
         processor: its ``CoDeProcessor`` (tokenizer and image processor).
         use_pamr: refine masks with PAMR; default ``model.config.use_pamr``.
         background_threshold: score of the ``background`` class; default ``model.config.background_threshold``.
@@ -158,17 +158,38 @@ class CoDeSegmenter:
         model, processor = load_model_and_processor(pretrained_model_name_or_path, dtype=dtype, device=device)
         return cls(model, processor, **segmenter_kwargs)
 
+    @classmethod
+    def from_onnx(
+        cls, export_dir: str | Path, num_threads: int | None = None, **segmenter_kwargs
+    ) -> CoDeSegmenter:
+        """A segmenter running the graphs of an ONNX export (``code-seg export onnx``) in onnxruntime, on the CPU.
+
+        Everything around the graphs (windows, PAMR, the KP mix, background, resizes) is the torch path's code.
+
+        Args:
+            export_dir: the export folder.
+            num_threads: threads of onnxruntime's operators (``intra_op_num_threads``); default onnxruntime's.
+            segmenter_kwargs: the constructor's options (``use_pamr``, ``background_threshold``, ...).
+
+        Raises:
+            FileNotFoundError / ValueError: not an export folder, or an incomplete one.
+            ImportError: onnxruntime is not installed (the ``export`` extra).
+        """
+        from .onnx_runtime import load_onnx_model_and_processor
+
+        model, processor = load_onnx_model_and_processor(export_dir, num_threads=num_threads)
+        return cls(model, processor, **segmenter_kwargs)
+
     # ---------------------------------------------------------------------------------------- vocabulary
     def encode_vocabulary(self, class_names: Sequence[str]) -> VocabularyEmbeddings:
         """Embeddings of a class list (``background`` = constant map), from the cache when seen before."""
         names, _ = clean_class_names(class_names)
-        parameter = next(self.model.parameters())
         key = (
             tuple(names),
             self.model.config.inference_template_set,
             self.model.config.kp_weight > 0,
-            parameter.dtype,
-            parameter.device,
+            self.model.dtype,
+            self.model.device,
         )
         if key in self._vocabularies:
             self._vocabularies.move_to_end(key)
