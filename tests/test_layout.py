@@ -31,13 +31,14 @@ DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml"}
 # The extras a layer may use besides the core dependencies.
 LAYER_EXTRAS = {
     "root": (),
-    "predict": (),
+    "predict": ("export",),
     "evaluation": ("train",),
     "training": ("train",),
     "toy": ("train",),
-    "apps": ("train", "demo"),
+    "apps": ("train", "demo", "export"),
 }
-OPTIONAL_PACKAGES = ("gradio", "pandas", "datasets", "accelerate", "spacy", "evaluate")
+OPTIONAL_PACKAGES = ("gradio", "pandas", "datasets", "accelerate", "spacy", "evaluate", "onnx", "onnxruntime",
+                     "onnxscript")
 
 
 def module_name(path: Path) -> str:

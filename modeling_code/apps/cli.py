@@ -3,6 +3,7 @@
     code-seg segment IMAGE [IMAGE ...] --classes "cat, sofa, background" --model PATH_OR_ID --output_dir DIR
     code-seg evaluate --model PATH_OR_ID --benchmark voc --data_root data
     code-seg toy-world [--output_dir outputs/toy_world]
+    code-seg export onnx --model PATH_OR_ID --output_dir DIR
 
 Each subcommand is one ``_add_<name>_command(subparsers)`` function that declares its arguments and sets
 ``handler`` (``args -> exit code``); ``COMMANDS`` lists them. Handlers import the heavy modules (torch,
@@ -14,6 +15,7 @@ answer before torch is imported.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from .flags import ArgumentParser
 # Exit codes: 0 success, 1 some inputs failed (the others were processed), 2 unusable arguments or model.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16")
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the export extra
 
 
 def _error(command: str, message: str) -> None:
@@ -304,9 +307,62 @@ def _run_toy_world(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------
+def _add_export_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model for deployment (ONNX: any window size, batch and class count)",
+        description="Writes a text graph and an image graph (dynamic batch, window height and width, class "
+        "count), the model's config, its processor files and onnx_export.json to --output_dir; each graph is "
+        "checked against the torch model once written. Run the export with CoDeSegmenter.from_onnx "
+        "(docs/deploy.md). Needs the export extra: pip install 'code-seg[export]'.",
+    )
+    parser.add_argument("format", choices=("onnx",), help="the export format")
+    parser.add_argument("--model", required=True, help="saved CoDe model directory or Hub id")
+    parser.add_argument("--output_dir", dest="out", required=True, type=Path, help="output folder (created if missing)")
+    parser.add_alias("--out", "--output_dir")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    try:  # before torch is imported
+        check_output_folder(args.out, [])
+    except OSError as err:
+        _error("export", str(err))
+        return EXIT_USAGE
+    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        _error("export", f"exporting to ONNX needs {', '.join(missing)}: pip install 'code-seg[export]'")
+        return EXIT_USAGE
+    from ..predict.loading import resolve_model_source
+    from ..predict.onnx_runtime import IMAGE_GRAPH_FILE, METADATA_FILE, TEXT_GRAPH_FILE
+    from .onnx_export import export_onnx_from_pretrained
+
+    _register_auto_classes()
+    _quiet_libraries()
+    try:
+        source = resolve_model_source(args.model)
+        metadata = export_onnx_from_pretrained(source, args.out)
+    except ImportError as err:
+        _error("export", str(err))
+        return EXIT_USAGE
+    except (OSError, ValueError) as err:
+        _error("export", f"cannot export the model {args.model!r}: {err}")
+        return EXIT_USAGE
+    check = metadata["export_check"]
+    print(
+        f"wrote {args.out / TEXT_GRAPH_FILE} and {args.out / IMAGE_GRAPH_FILE} (largest difference from torch on "
+        f"the example inputs: text {check['text_max_abs_difference']:.1e}, image "
+        f"{check['image_max_abs_difference']:.1e}), {args.out / METADATA_FILE}, config and processor files"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------------------
-COMMANDS = (_add_segment_command, _add_evaluate_command, _add_toy_world_command)
+COMMANDS = (_add_segment_command, _add_evaluate_command, _add_toy_world_command, _add_export_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

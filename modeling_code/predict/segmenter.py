@@ -81,7 +81,7 @@ class CoDeSegmenter:
     and the post-processing, which caches vocabularies and draws the result.
 
     Args:
-        model: a ``CoDeModel`` (any device and dtype).
+        model: a ``CoDeModel`` (any device and dtype), or a ``CoDeOnnxModel`` (``from_onnx``).
         processor: its ``CoDeProcessor`` (tokenizer and image processor).
         use_pamr: refine masks with PAMR; default: the protocol's.
         background_threshold: score of the ``background`` class; default: the protocol's.
@@ -156,12 +156,33 @@ class CoDeSegmenter:
         model, processor = load_model_and_processor(pretrained_model_name_or_path, dtype=dtype, device=device)
         return cls(model, processor, **segmenter_kwargs)
 
+    @classmethod
+    def from_onnx(
+        cls, export_dir: str | Path, num_threads: int | None = None, **segmenter_kwargs
+    ) -> CoDeSegmenter:
+        """A segmenter running the graphs of an ONNX export (``code-seg export onnx``) in onnxruntime, on the CPU.
+
+        Everything around the graphs (windows, PAMR, the KP mix, background, resizes) is the torch path's code.
+
+        Args:
+            export_dir: the export folder.
+            num_threads: threads of onnxruntime's operators (``intra_op_num_threads``); default onnxruntime's.
+            segmenter_kwargs: the constructor's options (``use_pamr``, ``background_threshold``, ...).
+
+        Raises:
+            FileNotFoundError / ValueError: not an export folder, or an incomplete one.
+            ImportError: onnxruntime is not installed (the ``export`` extra).
+        """
+        from .onnx_runtime import load_onnx_model_and_processor
+
+        model, processor = load_onnx_model_and_processor(export_dir, num_threads=num_threads)
+        return cls(model, processor, **segmenter_kwargs)
+
     # ---------------------------------------------------------------------------------------- vocabulary
     def encode_vocabulary(self, class_names: Sequence[str]) -> VocabularyEmbeddings:
         """Embeddings of a class list (``background`` = constant map), from the cache when seen before."""
         names, _ = clean_class_names(class_names)
-        parameter = next(self.model.parameters())
-        key = (tuple(names), self.protocol.template_set, self.protocol.kp_weight > 0, parameter.dtype, parameter.device)
+        key = (tuple(names), self.protocol.template_set, self.protocol.kp_weight > 0, self.model.dtype, self.model.device)
         if key in self._vocabularies:
             self._vocabularies.move_to_end(key)
             return self._vocabularies[key]
