@@ -170,6 +170,20 @@ def clean_class_names(
     return names, background_index
 
 
+def template_ensemble_embeddings(model: CoDeModel, kp_template_input_ids: torch.Tensor) -> torch.Tensor:
+    """The KP branch's class embeddings from the processor's ``kp_template_input_ids`` [N_text, T, L] (each class
+    in T templates) -> [N_text, C], through ``model.get_template_class_embeddings``."""
+    if kp_template_input_ids.dim() != 3:
+        raise ValueError(
+            f"kp_template_input_ids must be [N_text, T, L] (classes, templates, positions); got "
+            f"{tuple(kp_template_input_ids.shape)}"
+        )
+    num_classes, num_templates, length = kp_template_input_ids.shape
+    return model.get_template_class_embeddings(
+        kp_template_input_ids.reshape(num_classes * num_templates, length), num_templates
+    )
+
+
 @torch.no_grad()
 def encode_vocabulary(
     model: CoDeModel,
@@ -196,7 +210,7 @@ def encode_vocabulary(
     class_embeddings = model.get_class_embeddings(text["class_input_ids"].to(model.device))
     kp_class_embeddings = None
     if with_kp_embeddings:
-        kp_class_embeddings = model.get_kp_class_embeddings(text["kp_template_input_ids"].to(model.device))
+        kp_class_embeddings = template_ensemble_embeddings(model, text["kp_template_input_ids"].to(model.device))
     return VocabularyEmbeddings(
         class_names=tuple(names),
         background_index=background_index,
@@ -472,5 +486,6 @@ __all__ = [
     "segment_window_scores",
     "sliding_window_scores",
     "sliding_windows",
+    "template_ensemble_embeddings",
     "window_starts",
 ]

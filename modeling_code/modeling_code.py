@@ -32,7 +32,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_code import CoDeConfig, InferenceProtocol
-from .inference import DEFAULT_WINDOW_BATCH_SIZE, sliding_window_scores
+from .inference import DEFAULT_WINDOW_BATCH_SIZE, sliding_window_scores, template_ensemble_embeddings
 from .losses import (
     LOSS_NAMES,
     _world,
@@ -520,20 +520,6 @@ class CoDeModel(CoDePreTrainedModel):
         embeddings = torch.stack(self.encode_text_groups(groups), dim=1)
         return F.normalize(embeddings.mean(1), dim=-1)
 
-    @torch.no_grad()
-    def get_kp_class_embeddings(self, kp_template_input_ids: torch.Tensor) -> torch.Tensor:
-        """The KP branch's class embeddings from the processor's ``kp_template_input_ids`` [N_text, T, L]
-        (each class in T templates) -> [N_text, C]."""
-        if kp_template_input_ids.dim() != 3:
-            raise ValueError(
-                f"kp_template_input_ids must be [N_text, T, L] (classes, templates, positions); got "
-                f"{tuple(kp_template_input_ids.shape)}"
-            )
-        num_classes, num_templates, length = kp_template_input_ids.shape
-        return self.get_template_class_embeddings(
-            kp_template_input_ids.reshape(num_classes * num_templates, length), num_templates
-        )
-
     # ---------------------------------------------------------------- inference building block
     @contextlib.contextmanager
     def prepared_for_inference(self) -> Iterator[CoDeModel]:
@@ -682,45 +668,9 @@ class CoDeModel(CoDePreTrainedModel):
         given = [name for name, value in training_inputs.items() if value is not None]
         if given:
             raise ValueError(f"{given} are training inputs: pass return_loss=True to compute the losses")
-        return self._segment(
-            pixel_values, class_input_ids, kp_template_input_ids, background_index, original_sizes,
-            class_embeddings, kp_class_embeddings, protocol or self.config.inference_protocol, window_batch_size,
-        )
-
-    @torch.no_grad()
-    def _segment(
-        self,
-        pixel_values: torch.Tensor | Sequence[torch.Tensor],
-        class_input_ids: torch.Tensor | None,
-        kp_template_input_ids: torch.Tensor | None,
-        background_index: int | None,
-        original_sizes: Sequence[Sequence[int]] | None,
-        class_embeddings: torch.Tensor | None,
-        kp_class_embeddings: torch.Tensor | None,
-        protocol: InferenceProtocol,
-        window_batch_size: int,
-    ) -> CoDeSegmentationOutput:
-        """Inference forward; see ``forward``."""
-        # 1. the vocabulary: given embeddings, else encoded from the token ids (KP templates only when weighted)
-        if class_embeddings is None:
-            if class_input_ids is None:
-                raise ValueError("Give the vocabulary: class_input_ids (the processor's text=...) or class_embeddings")
-            class_embeddings = self.get_class_embeddings(class_input_ids.to(self.device))
-        if kp_class_embeddings is None and kp_template_input_ids is not None and protocol.kp_weight > 0:
-            kp_class_embeddings = self.get_kp_class_embeddings(kp_template_input_ids.to(self.device))
-        # 2. sliding windows: masks, PAMR, KP mix, overlaps averaged, background inserted
-        scores = sliding_window_scores(
-            self, pixel_values, class_embeddings, kp_class_embeddings, background_index, protocol, window_batch_size
-        )
-        # 3. one tensor when every image has the same processed size
-        if len({tuple(maps.shape) for maps in scores}) == 1:
-            scores = torch.stack(scores)
-        sizes = None if original_sizes is None else [tuple(int(side) for side in size) for size in original_sizes]
-        return CoDeSegmentationOutput(
-            scores=scores,
-            original_sizes=sizes,
-            class_embeddings=class_embeddings,
-            kp_class_embeddings=kp_class_embeddings,
+        return segment_whole_images(
+            self, pixel_values, class_input_ids, kp_template_input_ids, background_index, original_sizes,
+            class_embeddings, kp_class_embeddings, protocol, window_batch_size,
         )
 
     def _training_losses(
@@ -853,6 +803,43 @@ class CoDeModel(CoDePreTrainedModel):
         return logits, highlighted
 
 
+@torch.no_grad()
+def segment_whole_images(
+    model: CoDeModel,
+    pixel_values: torch.Tensor | Sequence[torch.Tensor],
+    class_input_ids: torch.Tensor | None = None,
+    kp_template_input_ids: torch.Tensor | None = None,
+    background_index: int | None = None,
+    original_sizes: Sequence[Sequence[int]] | None = None,
+    class_embeddings: torch.Tensor | None = None,
+    kp_class_embeddings: torch.Tensor | None = None,
+    protocol: InferenceProtocol | None = None,
+    window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+) -> CoDeSegmentationOutput:
+    """The inference forward (see ``CoDeModel.forward``) of ``model``: a ``CoDeModel``, or any object with its
+    inference surface (``config``, ``device``, ``dtype``, the text encoders, ``segment_window``), such as the
+    onnxruntime model of ``predict.onnx_runtime``."""
+    protocol = protocol or model.config.inference_protocol
+    # 1. the vocabulary: given embeddings, else encoded from the token ids (KP templates only when weighted)
+    if class_embeddings is None:
+        if class_input_ids is None:
+            raise ValueError("Give the vocabulary: class_input_ids (the processor's text=...) or class_embeddings")
+        class_embeddings = model.get_class_embeddings(class_input_ids.to(model.device))
+    if kp_class_embeddings is None and kp_template_input_ids is not None and protocol.kp_weight > 0:
+        kp_class_embeddings = template_ensemble_embeddings(model, kp_template_input_ids.to(model.device))
+    # 2. sliding windows: masks, PAMR, KP mix, overlaps averaged, background inserted
+    scores = sliding_window_scores(
+        model, pixel_values, class_embeddings, kp_class_embeddings, background_index, protocol, window_batch_size
+    )
+    # 3. one tensor when every image has the same processed size
+    if len({tuple(maps.shape) for maps in scores}) == 1:
+        scores = torch.stack(scores)
+    sizes = None if original_sizes is None else [tuple(int(side) for side in size) for size in original_sizes]
+    return CoDeSegmentationOutput(
+        scores=scores, original_sizes=sizes, class_embeddings=class_embeddings, kp_class_embeddings=kp_class_embeddings
+    )
+
+
 __all__ = [
     "CoDeConfig",
     "CoDeModel",
@@ -860,4 +847,5 @@ __all__ = [
     "CoDePreTrainedModel",
     "CoDeSegmentationOutput",
     "CoDeWindowOutput",
+    "segment_whole_images",
 ]

@@ -252,3 +252,14 @@ def test_the_export_command_names_a_missing_model_and_missing_packages(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "tflite", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
+
+
+def test_the_onnx_model_takes_the_processors_output_as_the_torch_model_does(torch_model, onnx_model, processor):
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    inputs = processor(images=image, text=["cat", "background", "dog"], return_tensors="pt")
+    expected = torch_model(**inputs)
+    outputs = onnx_model(**inputs)
+    torch.testing.assert_close(outputs.scores, expected.scores, atol=1e-4, rtol=0)
+    assert outputs.original_sizes == expected.original_sizes == [(70, 90)]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configuration_code import CoDeConfig
-from ..modeling_code import CoDeWindowOutput
+from ..modeling_code import CoDeSegmentationOutput, CoDeWindowOutput, segment_whole_images
 from ..processing_code import CoDeProcessor
 
 METADATA_FILE = "onnx_export.json"
@@ -192,6 +192,11 @@ class CoDeOnnxModel:
         """
         embeddings = self._encode_texts(template_input_ids, prompted=False)
         return F.normalize(embeddings.view(-1, num_templates, embeddings.shape[-1]).mean(1), dim=-1)
+
+    # ---------------------------------------------------------------- whole images
+    def __call__(self, pixel_values, **inputs) -> CoDeSegmentationOutput:
+        """``CoDeModel.forward`` at inference, on the two graphs: the processor's output goes straight in."""
+        return segment_whole_images(self, pixel_values, **inputs)
 
     # ---------------------------------------------------------------- image side
     def segment_window(
