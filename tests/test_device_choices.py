@@ -8,8 +8,19 @@ import torch
 import torch.nn.functional as F
 from reference_implementations import segment_window_reference
 
+import modeling_code.inference as inference
 import modeling_code.modeling_code
+from modeling_code import CoDeConfig
+from modeling_code.image_processing_code import CoDeImageProcessor
+from modeling_code.inference import (
+    MAX_WINDOWS_PER_CALL,
+    encode_vocabulary,
+    segment_images,
+    window_memory_bytes,
+    windows_per_call,
+)
 from modeling_code.masker import ACCELERATOR_BAND_TAP_BYTES, BAND_TAP_BYTES, inference_band_plan
+from modeling_code.processing_code import CoDeProcessor
 
 
 @pytest.fixture
@@ -38,3 +49,47 @@ def test_window_masks_of_the_whole_batch_in_bands_equal_the_reference(open_gates
     masks = model.segment_window(pixels, prompted).masks
     assert seen == [3]  # one pass over all windows
     torch.testing.assert_close(masks, segment_window_reference(model, pixels, prompted).masks, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ window batches
+def test_the_cpu_budget_holds_four_float32_vit_b16_windows():
+    config = CoDeConfig()
+    cpu = torch.device("cpu")
+    assert windows_per_call(config, torch.float32, cpu, 448, 448, 20) == 4
+    assert windows_per_call(config, torch.bfloat16, cpu, 448, 448, 20) > 4
+    assert windows_per_call(config, torch.float32, cpu, 224, 448, 20) > 4
+    # where the masker takes all windows at once, its full-resolution maps count per window
+    cpu_bytes, cuda_bytes = (window_memory_bytes(config, 448, 448, 20, torch.float32, device) for device in ("cpu", "cuda"))
+    assert cuda_bytes > 2 * cpu_bytes
+    assert windows_per_call(config, torch.float32, cpu, 448, 448, 20, budget=1) == 1
+    assert windows_per_call(config, torch.float32, cpu, 448, 448, 20, budget=2**50) == MAX_WINDOWS_PER_CALL
+
+
+def test_window_batches_follow_the_memory_budget_and_keep_the_scores(open_gates_model, tiny_tokenizer, monkeypatch):
+    model = open_gates_model
+    processor = CoDeProcessor(CoDeImageProcessor(), tiny_tokenizer)
+    vocabulary = encode_vocabulary(model, processor, ["cat", "background", "sofa"])
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 45, 70, generator=generator), torch.randn(3, 40, 40, generator=generator),
+              torch.randn(3, 20, 50, generator=generator)]
+    options = {"window_size": 32, "window_stride": 16}
+    one_at_a_time = segment_images(model, images, vocabulary, window_batch_size=1, **options).logits
+
+    batch_sizes = []
+    refined = inference._refined_masks
+    monkeypatch.setattr(inference, "_refined_masks",
+                        lambda model, padded, *args: batch_sizes.append(len(padded)) or refined(model, padded, *args))
+    per_window = window_memory_bytes(model.config, 32, 32, 2, model.dtype, "cpu")
+    monkeypatch.setattr(inference, "window_memory_budget", lambda device: 3 * per_window)
+    budgeted = segment_images(model, images, vocabulary, **options).logits
+    # 12 windows of 32x32 (8 of the first image, 4 of the second) in threes, then the third image's 3 of 20x32
+    assert batch_sizes == [3, 3, 3, 3, 3]
+    batch_sizes.clear()
+    monkeypatch.undo()  # the CPU's own budget: every window of a size in one call
+    monkeypatch.setattr(inference, "_refined_masks",
+                        lambda model, padded, *args: batch_sizes.append(len(padded)) or refined(model, padded, *args))
+    by_default = segment_images(model, images, vocabulary, **options).logits
+    assert batch_sizes == [12, 3]
+    for single, *batched in zip(one_at_a_time, budgeted, by_default):
+        for scores in batched:
+            torch.testing.assert_close(scores, single, rtol=0, atol=1e-5)

@@ -102,7 +102,8 @@ class CoDeSegmenter:
         use_pamr: refine masks with PAMR; default ``model.config.use_pamr``.
         background_threshold: score of the ``background`` class; default ``model.config.background_threshold``.
         max_pixels: larger inputs are downscaled (aspect kept) with a warning; ``None``: no cap.
-        window_batch_size: sliding windows per model call (bounds memory).
+        window_batch_size: sliding windows per model call (bounds memory); default: as many as the device's
+            memory budget holds (``inference.windows_per_call``).
         vocabulary_cache_size: class lists whose embeddings are kept.
         overlay_alpha: opacity of the colour-coded labels in ``SegmentationResult.overlay``.
     """
@@ -114,7 +115,7 @@ class CoDeSegmenter:
         use_pamr: bool | None = None,
         background_threshold: float | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+        window_batch_size: int | None = DEFAULT_WINDOW_BATCH_SIZE,
         vocabulary_cache_size: int = DEFAULT_VOCABULARY_CACHE_SIZE,
         overlay_alpha: float = DEFAULT_OVERLAY_ALPHA,
     ) -> None:
