@@ -243,8 +243,13 @@ class CoDeSegmenter:
         results = [self._result(*parts, vocabulary) for parts in zip(loaded, label_maps, scores)]
         return results[0] if single else results
 
-    def predict(self, image: ImageLike, classes: Sequence[str] | VocabularyEmbeddings) -> np.ndarray:
-        """Only the [H, W] int64 label map of one image (indices into the class list): for evaluation loops."""
+    def predict(
+        self, image: ImageLike | Sequence[ImageLike], classes: Sequence[str] | VocabularyEmbeddings
+    ) -> np.ndarray | list[np.ndarray]:
+        """Only the [H, W] int64 label map of one image (indices into the class list), or a list of them for a
+        list of images (their windows share the model's passes): for evaluation loops."""
+        if isinstance(image, (list, tuple)):
+            return self._segment(image, classes, None, None)[1]
         return self._segment([image], classes, None, None)[1][0]
 
     def _result(
