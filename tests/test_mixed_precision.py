@@ -1,18 +1,35 @@
-"""Mixed precision: the autograd functions of ``ops`` under autocast, and trainer steps with mixed_precision.
+"""Mixed precision: the autograd functions of ``ops`` under autocast, trainer steps with mixed_precision, and the
+training loop in bf16.
 
 Each test runs on the CPU (in CI) and on CUDA where the tests marked cuda are selected (benchmarks/gpu.py).
 """
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from helpers import DEVICES, TINY_CODE_OVERRIDES, device_under_test, training_batch
+from PIL import Image
 
 import modeling_code.ops as ops
 from modeling_code import CoDeModel
+from modeling_code.text_decomposition import NounDecomposer
+from modeling_code.training import trainer
+from modeling_code.training.config import (
+    CheckpointSection,
+    DataSection,
+    EvalSection,
+    LoggingSection,
+    ModelSection,
+    OptimSection,
+    TrainingConfig,
+)
+from modeling_code.training.data_sources import make_dataloader
 from modeling_code.training.trainer import training_step
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -174,3 +191,43 @@ def test_trainer_steps_in_mixed_precision(device_name, mixed_precision, tiny_cli
     # flipping near 0.5.
     for name, value in full_precision[0].items():
         assert terms[0][name] == pytest.approx(value, rel=2e-2, abs=1e-3), name
+
+
+NOUNS = ("cat", "sofa", "dog", "car", "bird", "water", "man", "horse", "table", "tree")
+
+
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_the_training_loop_runs_in_bf16_on_the_device(device_name, tiny_clip_dir, tmp_path, monkeypatch,
+                                                      fresh_accelerate_state):
+    device = device_under_test(device_name)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", str(device.type == "cpu").lower())
+    # Nouns without spaCy (absent on GPU machines): the words of a fixed list.
+    monkeypatch.setattr(NounDecomposer, "extract_nouns", lambda self, caption: [w for w in caption.split() if w in NOUNS])
+    loaders = []
+    monkeypatch.setattr(trainer, "make_dataloader",
+                        lambda *args, **kwargs: loaders.append(kwargs) or make_dataloader(*args, **kwargs))
+    rng = np.random.default_rng(0)
+    captions = ["a cat on a sofa", "a dog near a car", "a bird over the water", "a man on a horse"]
+    records = []
+    for index, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+        records.append(json.dumps({"image": f"{index}.png", "caption": caption}))
+    (tmp_path / "data.jsonl").write_text("\n".join(records) + "\n")
+    config = TrainingConfig(
+        model=ModelSection(clip=str(tiny_clip_dir), overrides=dict(TINY_CODE_OVERRIDES),
+                           processor_overrides={"train_crop_size": 32}),
+        data=DataSection(sources=[{"type": "jsonl", "path": str(tmp_path / "data.jsonl")}], batch_size=2,
+                         num_workers=0, shuffle_buffer=1),
+        optim=OptimSection(lr=1e-3, min_lr=1e-4, reference_batch_size=2, warmup_steps=1, max_steps=3, ust_steps=1),
+        checkpoint=CheckpointSection(output_dir=str(tmp_path / "run"), save_every=2, keep_last=1),
+        logging=LoggingSection(log_every=1, tracker=None),
+        eval=EvalSection(every=0),
+        mixed_precision="bf16",
+    )
+    output_dir = trainer.train(config)
+    assert json.loads((output_dir / "training_summary.json").read_text())["steps"] == 3
+    assert loaders[0]["pin_memory"] is (device.type == "cuda")
+    trained = CoDeModel.from_pretrained(output_dir)
+    initial = CoDeModel.from_clip(str(tiny_clip_dir), **TINY_CODE_OVERRIDES)
+    assert not torch.equal(trained.sim2mask.weight, initial.sim2mask.weight)
+    assert torch.equal(trained.clip.visual_projection.weight, initial.clip.visual_projection.weight)
