@@ -248,7 +248,7 @@ class CoDeModel(CoDePreTrainedModel):
                 f"{clip_config.text_config.hidden_size}) with projected noun embeddings (projection_dim "
                 f"{clip_config.projection_dim}); they must be equal, as in every OpenAI CLIP."
             )
-        self.clip = CLIPModel._from_config(clip_config)
+        self.clip = CLIPModel._from_config(clip_config, dtype=torch.get_default_dtype())
         self.masker = CoDeMasker(config)
         self.sim2mask = CoDeSim2Mask(config)
         self.prompt_learner = CoDePromptLearner(config)
