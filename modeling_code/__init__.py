@@ -52,7 +52,11 @@ def register_auto_classes() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    # The class from its module: some transformers 5 releases (5.17 among them) replace the top-level name by a
+    # placeholder demanding torchvision when it is absent, which this package does not need.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from .configuration_code import CoDeConfig
     from .image_processing_code import CoDeImageProcessor

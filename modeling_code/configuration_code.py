@@ -241,6 +241,8 @@ class CoDeConfig(PreTrainedConfig):
                                "patch_size": 16, "image_size": 224},
                 projection_dim=512,
             )
+        if isinstance(self.clip_config, dict):  # transformers before sub_configs_defaults (5.17) leaves it a dict
+            self.clip_config = CLIPConfig(**self.clip_config)
         self.pamr_dilations = list(self.pamr_dilations)
         self.class_vocabulary = _class_vocabulary(self.class_vocabulary)
         super().__post_init__(**kwargs)

@@ -10,8 +10,9 @@
 - ``segment_window_scores``: one window size: zero-pad to the patch size, masks, PAMR, KP mix,
   resize to the padded size, crop the padding.
 - ``sliding_window_scores``: images already resized by the processor's evaluation transform, any sizes:
-  sliding windows batched through the model (windows of the same size from every image share batches),
-  overlapping outputs averaged, background map inserted. Score maps stay at the processed resolution; the
+  sliding windows batched through the model (windows of the same size from every image share batches, as many
+  as the device's memory budget holds: ``windows_per_call``), overlapping outputs averaged, background map
+  inserted. Score maps stay at the processed resolution; the
   image processor's ``post_process_semantic_segmentation`` resizes them to the original sizes and takes the
   argmax.
 
@@ -21,6 +22,7 @@ time, PAMR and the masker decoder as defined); the tests check that both agree t
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,16 +34,28 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .configuration_code import InferenceProtocol
+from .masker import inference_band_plan
 from .pamr import pamr
 
 if TYPE_CHECKING:
+    from .configuration_code import CoDeConfig
     from .modeling_code import CoDeModel
     from .processing_code import CoDeProcessor
 
 logger = logging.get_logger(__name__)
 
 BACKGROUND_CLASS = "background"
-DEFAULT_WINDOW_BATCH_SIZE = 4
+DEFAULT_WINDOW_BATCH_SIZE = None  # as many windows per model call as the device's memory budget holds
+
+# Windows per model call follow a memory budget. On the CPU it holds four 448x448 windows of a ViT-B/16 model
+# in float32 (what a call held when it was a fixed four): larger batches only add memory there. On CUDA it is a
+# share of the memory the device has free, so that a call gives the GPU as much work as fits, with room left for
+# the estimate's errors; other accelerators get a fixed budget.
+CPU_WINDOW_MEMORY_BUDGET = 400 * 2**20
+CUDA_FREE_MEMORY_SHARE = 0.5
+ACCELERATOR_WINDOW_MEMORY_BUDGET = 4 * 2**30
+# A ceiling, so that an estimate too low never makes one call hold most of a large GPU.
+MAX_WINDOWS_PER_CALL = 64
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,6 +384,63 @@ def image_list(pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> list[torc
     return images
 
 
+def window_memory_bytes(
+    config: CoDeConfig, height: int, width: int, num_classes: int, dtype: torch.dtype, device_type: str
+) -> int:
+    """An estimate of the bytes one ``height`` x ``width`` window adds to a batched inference call at its peak.
+
+    Counted: a CLIP block in flight (hidden states, their norm, queries, keys, values and attention output,
+    the 4x-wide MLP activation, attention weights where the kernel forms them); on an accelerator, where all
+    windows pass the masker's last block together (``masker.inference_band_plan``), its input, tap products,
+    full-resolution output, norm and projection; the float32 masks with PAMR's neighbour affinities. Not
+    counted: what one window at a time holds (the CPU's masker bands, the resize to the window size).
+    """
+    vision = config.clip_config.vision_config
+    element = torch.empty((), dtype=dtype).element_size()
+    grid = math.ceil(height / config.patch_size) * math.ceil(width / config.patch_size)
+    tokens = 1 + grid
+    clip = (10 * tokens * vision.hidden_size + 2 * vision.num_attention_heads * tokens**2) * element
+    mask_pixels = 16 * grid
+    masker = 0
+    if not inference_band_plan(device_type)[0]:
+        width_maps = 1 + 9 / 4 + 1 + 1  # input (upsampled), tap products, output, norm: W_v-wide full-size maps
+        masker = int(mask_pixels * (width_maps * vision.hidden_size + 2 * config.clip_config.projection_dim) * element)
+    affinity_maps = 3 * 2 * 9 * len(config.pamr_dilations)  # neighbours and their differences, per colour
+    masks = mask_pixels * (3 * num_classes + affinity_maps) * 4
+    return clip + masker + masks
+
+
+def window_memory_budget(device: torch.device) -> int:
+    """Bytes of windows one ``segment_images`` call may hold on ``device`` (see ``CPU_WINDOW_MEMORY_BUDGET``).
+
+    On CUDA: ``CUDA_FREE_MEMORY_SHARE`` of the device's free memory, blocks its caching allocator holds unused
+    counted as free.
+    """
+    if device.type == "cpu":
+        return CPU_WINDOW_MEMORY_BUDGET
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(CUDA_FREE_MEMORY_SHARE * (free + cached))
+    return ACCELERATOR_WINDOW_MEMORY_BUDGET
+
+
+def windows_per_call(
+    config: CoDeConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    height: int,
+    width: int,
+    num_classes: int,
+    budget: int | None = None,
+) -> int:
+    """How many ``height`` x ``width`` windows one model call takes: as many as ``budget`` bytes hold (default
+    the device's, ``window_memory_budget``), at least one and at most ``MAX_WINDOWS_PER_CALL``."""
+    budget = window_memory_budget(device) if budget is None else budget
+    per_window = window_memory_bytes(config, height, width, num_classes, dtype, device.type)
+    return max(1, min(MAX_WINDOWS_PER_CALL, budget // per_window))
+
+
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -394,18 +465,18 @@ def sliding_window_scores(
     kp_class_embeddings: torch.Tensor | None = None,
     background_index: int | None = None,
     protocol: InferenceProtocol | None = None,
-    window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+    window_batch_size: int | None = DEFAULT_WINDOW_BATCH_SIZE,
 ) -> list[torch.Tensor]:
     """Sliding-window class scores of whole images (the protocol up to, not including, the final resize).
 
     What ``CoDeModel.forward`` runs at inference; see there for the arguments. Windows of the same size from
-    every image share model calls of at most ``window_batch_size`` windows (bounding the memory of one call);
-    overlapping windows are averaged. Returns one fp32 tensor [N, H_i, W_i] per image, in [0, 1], with the
+    every image share model calls of at most ``window_batch_size`` windows (default: as many as the device's
+    memory budget holds, ``windows_per_call``); overlapping windows are averaged. Returns one fp32 tensor [N, H_i, W_i] per image, in [0, 1], with the
     ``background`` map inserted at ``background_index``.
     """
     protocol = protocol or model.config.inference_protocol
     _check_kp_embeddings(protocol, kp_class_embeddings)
-    if window_batch_size < 1:
+    if window_batch_size is not None and window_batch_size < 1:
         raise ValueError(f"window_batch_size must be a positive integer; got {window_batch_size}")
     images = [image.to(model.device, torch.float32) for image in image_list(pixel_values)]
     class_embeddings = class_embeddings.to(model.device)
@@ -420,9 +491,13 @@ def sliding_window_scores(
     for index, image in enumerate(images):
         for window in sliding_windows(*image.shape[-2:], protocol.window_size, protocol.window_stride):
             groups.setdefault((window.height, window.width), []).append((index, window))
+    budget = None if window_batch_size is not None else window_memory_budget(model.device)
     with model.prepared_for_inference():
-        for jobs in groups.values():
-            for batch in _batches(jobs, window_batch_size):
+        for (height, width), jobs in groups.items():
+            batch_size = window_batch_size or windows_per_call(
+                model.config, model.dtype, model.device, height, width, num_text_classes, budget
+            )
+            for batch in _batches(jobs, batch_size):
                 crops = torch.stack(
                     [images[i][:, w.top : w.top + w.height, w.left : w.left + w.width] for i, w in batch]
                 )
@@ -450,7 +525,7 @@ def segment_images(
     background_threshold: float | None = None,
     window_size: int | None = None,
     window_stride: int | None = None,
-    window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+    window_batch_size: int | None = DEFAULT_WINDOW_BATCH_SIZE,
 ):
     """Deprecated (goes in 0.3): ``model(pixel_values=..., **vocabulary.model_inputs(), protocol=...)``."""
     overrides = {
@@ -488,4 +563,5 @@ __all__ = [
     "sliding_windows",
     "template_ensemble_embeddings",
     "window_starts",
+    "windows_per_call",
 ]

@@ -18,10 +18,21 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from .configuration_code import CoDeConfig
 from .ops import self_only_attention_block, upsampled_conv3x3
 
-# Inference computes the decoder's last block in row bands whose tap products stay this small. Temporaries
-# of this size are reused by the C allocator; tens of MB would be fresh pages (page faults and zeroing) on
-# every window, which cost more than the two neighbour rows each band adds.
+# Inference computes the decoder's last block in row bands whose tap products stay this small. On the CPU,
+# window by window: temporaries of this size are reused by the C allocator; tens of MB would be fresh pages
+# (page faults and zeroing) on every window, which cost more than the two neighbour rows each band adds.
 BAND_TAP_BYTES = 24 * 2**20
+# On an accelerator its caching allocator reuses blocks of any size, and every band and window is a round of
+# kernel launches: the whole batch of windows goes through together, in bands only past this size (a 448x448
+# ViT-B/16 window's last block takes about 87 MB of float32 tap products).
+ACCELERATOR_BAND_TAP_BYTES = 2**30
+
+
+def inference_band_plan(device_type: str) -> tuple[bool, int]:
+    """How inference runs the masker's last block on a device type: (window by window, tap bytes per band)."""
+    if device_type == "cpu":
+        return True, BAND_TAP_BYTES
+    return False, ACCELERATOR_BAND_TAP_BYTES
 
 
 class CoDeLayerNorm2d(nn.LayerNorm):
@@ -121,14 +132,19 @@ class CoDeMasker(nn.Module):
         feature_map = self._feature_map(hidden_states, grid_size)
         return self._embed(self.decoder(feature_map))
 
-    def bands(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+    def bands(
+        self, hidden_states: torch.Tensor, grid_size: tuple[int, int], max_tap_bytes: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """The same E in bands of rows: yields (first row, E band [B, C, rows, 4w]).
 
         For inference: the decoder's last block and the projection run band by band, so their large
-        temporaries (the tap products, the W_v-wide map at full resolution) stay a few MB each.
+        temporaries (the tap products, the W_v-wide map at full resolution) stay bounded: by ``max_tap_bytes``
+        of tap products per band, by default the device's (``inference_band_plan``).
         """
+        if max_tap_bytes is None:
+            max_tap_bytes = inference_band_plan(hidden_states.device.type)[1]
         feature_map = self._feature_map(hidden_states, grid_size)
-        for start, band in self.decoder.bands(feature_map, BAND_TAP_BYTES):
+        for start, band in self.decoder.bands(feature_map, max_tap_bytes):
             yield start, self._embed(band)
 
     def _feature_map(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -142,10 +158,12 @@ class CoDeMasker(nn.Module):
 
 
 __all__ = [
+    "ACCELERATOR_BAND_TAP_BYTES",
     "BAND_TAP_BYTES",
     "CoDeLayerNorm2d",
     "CoDeMasker",
     "CoDeMaskerDecoder",
     "CoDeMaskerProjection",
     "CoDeUpsampleBlock",
+    "inference_band_plan",
 ]

@@ -43,7 +43,7 @@ from .losses import (
     tcl_feature_logits,
     text_segmentation_loss,
 )
-from .masker import CoDeMasker, CoDeUpsampleBlock
+from .masker import CoDeMasker, CoDeUpsampleBlock, inference_band_plan
 from .ops import (
     causal_attention_mask,
     causal_block_packed,
@@ -287,7 +287,7 @@ class CoDeModel(CoDePreTrainedModel):
                 f"{clip_config.text_config.hidden_size}) with projected noun embeddings (projection_dim "
                 f"{clip_config.projection_dim}); they must be equal, as in every OpenAI CLIP."
             )
-        self.clip = CLIPModel._from_config(clip_config)
+        self.clip = CLIPModel._from_config(clip_config, dtype=torch.get_default_dtype())
         self.masker = CoDeMasker(config)
         self.sim2mask = CoDeSim2Mask(config)
         self.prompt_learner = CoDePromptLearner(config)
@@ -550,8 +550,9 @@ class CoDeModel(CoDePreTrainedModel):
         """Soft masks for windows already padded to multiples of the patch size (docs/method.md#inference-protocol).
 
         pixel_values [B, 3, H, W]; class_embeddings [N_cls, C] (prompted); kp_class_embeddings [N_cls, C]
-        (template ensembles) or None to skip the KP branch. ``banded``: the masker runs window by window and its
-        last decoder block in row bands, so its large temporaries stay small; ``banded=False`` runs the batch
+        (template ensembles) or None to skip the KP branch. ``banded``: the masker's last decoder block runs in
+        row bands, so its large temporaries stay bounded: on the CPU window by window in small bands, on an
+        accelerator all windows together (``masker.inference_band_plan``); ``banded=False`` runs the batch
         through ``CoDeMasker.forward`` (one pass, nothing prepared: the path to trace). Same masks up to float
         rounding.
         """
@@ -560,11 +561,15 @@ class CoDeModel(CoDePreTrainedModel):
         if not banded:
             masks = torch.sigmoid(self.sim2mask(self.masker(hidden, grid), class_embeddings))
         else:
-            masks = hidden.new_empty(hidden.shape[0], class_embeddings.shape[0], *(4 * size for size in grid))
+            num_windows = hidden.shape[0]
+            masks = hidden.new_empty(num_windows, class_embeddings.shape[0], *(4 * size for size in grid))
+            window_by_window, max_tap_bytes = inference_band_plan(hidden.device.type)
+            windows_per_pass = 1 if window_by_window else num_windows
             with self.prepared_for_inference():
-                for index in range(hidden.shape[0]):  # window by window, band by band: small temporaries only
-                    for start, embeddings in self.masker.bands(hidden[index : index + 1], grid):
-                        band = masks[index : index + 1, :, start : start + embeddings.shape[2]]
+                for first in range(0, num_windows, windows_per_pass):
+                    windows = slice(first, first + windows_per_pass)
+                    for start, embeddings in self.masker.bands(hidden[windows], grid, max_tap_bytes):
+                        band = masks[windows, :, start : start + embeddings.shape[2]]
                         band.copy_(torch.sigmoid(self.sim2mask(embeddings, class_embeddings)))
         kp_masks = None
         if kp_class_embeddings is not None:
@@ -584,7 +589,7 @@ class CoDeModel(CoDePreTrainedModel):
         class_embeddings: torch.Tensor | None = None,
         kp_class_embeddings: torch.Tensor | None = None,
         protocol: InferenceProtocol | None = None,
-        window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+        window_batch_size: int | None = DEFAULT_WINDOW_BATCH_SIZE,
         caption_input_ids: torch.Tensor | None = None,
         noun_input_ids: torch.Tensor | None = None,
         kg_template_input_ids: torch.Tensor | None = None,
@@ -814,7 +819,7 @@ def segment_whole_images(
     class_embeddings: torch.Tensor | None = None,
     kp_class_embeddings: torch.Tensor | None = None,
     protocol: InferenceProtocol | None = None,
-    window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+    window_batch_size: int | None = DEFAULT_WINDOW_BATCH_SIZE,
 ) -> CoDeSegmentationOutput:
     """The inference forward (see ``CoDeModel.forward``) of ``model``: a ``CoDeModel``, or any object with its
     inference surface (``config``, ``device``, ``dtype``, the text encoders, ``segment_window``), such as the

@@ -13,11 +13,17 @@ against it) with less memory or less work:
 
 Besides, ``gumbel_sigmoid_straight_through``: the masker's hard masks, with the gradients of the soft ones.
 
+Every autograd ``Function`` here declares its autocast behaviour with ``torch.amp.custom_fwd``/``custom_bwd`` for
+the device type of its tensors (``autocast_forward``, ``autocast_backward``): backward runs under the autocast
+state of its forward, wherever ``backward()`` is called, and the total variation (a loss) runs in float32.
+
 Only torch and transformers are imported: the package also runs as Hub remote code from a flat folder.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +31,51 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import QuickGELUActivation
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer, CLIPVisionEmbeddings
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autocast declarations
+# --------------------------------------------------------------------------------------------------------------
+def _device_type(tensors: tuple) -> str:
+    return next(tensor.device.type for tensor in tensors if isinstance(tensor, torch.Tensor))
+
+
+def autocast_forward(cast_inputs: torch.dtype | None = None) -> Callable:
+    """``torch.amp.custom_fwd`` for the device type of the forward's tensors.
+
+    ``custom_fwd`` declares one device type, and these functions run on CPUs and GPUs alike: the declaration
+    is made per device type at the call. ``cast_inputs``: under autocast, floating inputs are cast to this dtype
+    and the forward (and backward) run with autocast off; None: they run in the current autocast state.
+    """
+
+    def decorate(forward: Callable) -> Callable:
+        declared: dict[str, Callable] = {}
+
+        @functools.wraps(forward)
+        def forward_on_device(ctx, *inputs):
+            device_type = _device_type(inputs)
+            if device_type not in declared:
+                declared[device_type] = torch.amp.custom_fwd(forward, device_type=device_type, cast_inputs=cast_inputs)
+            return declared[device_type](ctx, *inputs)
+
+        return forward_on_device
+
+    return decorate
+
+
+def autocast_backward(backward: Callable) -> Callable:
+    """``torch.amp.custom_bwd`` for the device type of the incoming gradients: backward runs under the autocast
+    state (and dtype) its forward ran under, even when ``backward()`` is called outside the autocast region."""
+    declared: dict[str, Callable] = {}
+
+    @functools.wraps(backward)
+    def backward_on_device(ctx, *grad_outputs):
+        device_type = _device_type(grad_outputs)
+        if device_type not in declared:
+            declared[device_type] = torch.amp.custom_bwd(backward, device_type=device_type)
+        return declared[device_type](ctx, *grad_outputs)
+
+    return backward_on_device
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,6 +120,7 @@ class QuickGELULinearFunction(torch.autograd.Function):
     inputs' dtypes."""
 
     @staticmethod
+    @autocast_forward()
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         out = quick_gelu_linear_fwd(x, weight, bias)
@@ -76,6 +128,7 @@ class QuickGELULinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
         return quick_gelu_linear_bwd(x, weight, grad_output.to(ctx.compute_dtype), ctx.needs_input_grad)
@@ -130,14 +183,19 @@ def total_variation_bwd(x: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
 
 
 class TotalVariationFunction(torch.autograd.Function):
-    """Total variation keeping only x for backward (alive anyway), where autograd keeps both differences."""
+    """Total variation keeping only x for backward (alive anyway), where autograd keeps both differences.
+
+    A loss: under autocast it runs in float32, as autocast runs ``l1_loss``, and keeps the float32 copy of x.
+    """
 
     @staticmethod
+    @autocast_forward(cast_inputs=torch.float32)
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return total_variation_fwd(x)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return total_variation_bwd(x, grad_output)
@@ -253,20 +311,21 @@ def tap_products_bwd(
 
 class TapProductsFunction(torch.autograd.Function):
     """Tap products keeping the weight itself for backward and laying it out again there, where autograd would
-    keep the laid-out copy from forward to backward. Backward computes in the forward product's dtype
-    (autocast may have lowered it); autograd casts the gradients back to the inputs' dtypes."""
+    keep the laid-out copy from forward to backward. Under autocast, backward's matrix products run in the
+    forward product's lowered dtype, as autograd's own would; autograd casts the gradients back to the inputs'
+    dtypes."""
 
     @staticmethod
+    @autocast_forward()
     def forward(ctx, activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(activated, weight)
-        taps = tap_products_fwd(activated, weight)
-        ctx.compute_dtype = taps.dtype
-        return taps
+        return tap_products_fwd(activated, weight)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        activated, weight = (tensor.to(ctx.compute_dtype) for tensor in ctx.saved_tensors)
-        return tap_products_bwd(activated, weight, grad_taps.to(ctx.compute_dtype), ctx.needs_input_grad)
+        activated, weight = ctx.saved_tensors
+        return tap_products_bwd(activated, weight, grad_taps, ctx.needs_input_grad)
 
 
 def tap_products(activated: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -331,13 +390,15 @@ def phase_sum_bwd(grad_out: torch.Tensor) -> torch.Tensor:
 
 class UpsampledConvPhaseSumFunction(torch.autograd.Function):
     """The phase sums with a hand-written backward: autograd's would allocate and fill a zero tensor of the
-    full tap size for every slice the forward reads."""
+    full tap size for every slice the forward reads. Sums in the taps' dtype, as autocast leaves additions."""
 
     @staticmethod
+    @autocast_forward()
     def forward(ctx, taps: torch.Tensor) -> torch.Tensor:
         return phase_sum_fwd(taps)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         return phase_sum_bwd(grad_out)
 
@@ -556,6 +617,8 @@ __all__ = [
     "TapProductsFunction",
     "TotalVariationFunction",
     "UpsampledConvPhaseSumFunction",
+    "autocast_backward",
+    "autocast_forward",
     "causal_attention_mask",
     "causal_block_packed",
     "class_token_block",

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from transformers import CLIPConfig
@@ -59,6 +60,48 @@ def pad_token_ids(tokenizer, texts: list[str], length: int = 77) -> torch.Tensor
     from modeling_code.processing_code import clip_token_ids
 
     return clip_token_ids(tokenizer, texts, length)[0]
+
+
+def training_batch(tokenizer, batch_size: int = 2, image_size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A training batch for the tiny model: ``batch_size`` (at most 3) captions with K = 2 nouns each, their
+    rows noun-major, the nouns in templates, and the pseudo word labels of the nouns in the captions."""
+    generator = torch.Generator().manual_seed(seed)
+    captions = ["a red cat on the sofa near a table", "a dog and a car on the road", "a bird over the water"]
+    nouns = [["cat", "dog", "bird"], ["sofa", "car", "water"]]
+    caption_ids = pad_token_ids(tokenizer, captions[:batch_size])
+    labels = torch.full((batch_size, 77), -1)
+    for row in range(batch_size):
+        for k, noun in enumerate((nouns[0][row], nouns[1][row]), start=1):
+            labels[row][caption_ids[row] == tokenizer(noun, add_special_tokens=False)["input_ids"][0]] = k
+    noun_rows = nouns[0][:batch_size] + nouns[1][:batch_size]
+    return {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "caption_input_ids": caption_ids,
+        "noun_input_ids": pad_token_ids(tokenizer, noun_rows),
+        "template_input_ids": pad_token_ids(tokenizer, [f"a bad photo of a {noun}." for noun in noun_rows]),
+        "text_labels": labels,
+    }
+
+
+# The tests marked ``cuda`` run on this device (default ``cuda``); ``CODE_SEG_TEST_DEVICE=cpu`` runs their code on
+# a machine without a GPU, a check of the tests themselves (each comparison then holds trivially).
+TEST_DEVICE_VARIABLE = "CODE_SEG_TEST_DEVICE"
+# Device parameters of tests that run on the CPU in CI and on CUDA where selected with -m cuda.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def device_under_test(name: str = "cuda") -> torch.device:
+    """The device of a test parametrised with ``DEVICES``: the CPU, or for ``cuda`` the accelerator under test.
+
+    A cuda test on a machine without CUDA fails here, saying why: CI deselects them (-m "not cuda").
+    """
+    if name == "cpu":
+        return torch.device("cpu")
+    device = torch.device(os.environ.get(TEST_DEVICE_VARIABLE, "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"this test needs a CUDA device (none is visible): deselect it with -m 'not cuda', or set "
+                    f"{TEST_DEVICE_VARIABLE}=cpu to run its code on the CPU")
+    return device
 
 
 # Small windows and resize so a whole image is a handful of tiny-CLIP windows.

@@ -50,3 +50,34 @@ def test_it_is_a_no_op_without_glibc(monkeypatch):
 
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     assert allocator.retain_freed_memory() is False
+
+
+class RecordingLibc:
+    """Stands in for the C library: records mallopt calls instead of changing this process's allocator."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return 1
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting exists in glibc only")
+def test_only_a_process_computing_on_the_cpu_is_changed(monkeypatch):
+    import torch
+
+    from modeling_code.apps import allocator
+
+    libc = RecordingLibc()
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0), "mps"):
+        assert allocator.retain_freed_memory(device) is False
+    assert libc.calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert allocator.retain_freed_memory("auto") is False and libc.calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert allocator.retain_freed_memory("auto") is True
+    assert allocator.retain_freed_memory(torch.device("cpu")) is True
+    assert libc.calls == 2 * [(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD_CEILING),
+                              (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]

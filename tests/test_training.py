@@ -297,7 +297,7 @@ def test_push_to_hub_is_done_by_the_entry_script_with_the_final_folder(tmp_path,
         return publishing.PublishResult([], None, "https://hub.example/commit/1")
 
     monkeypatch.setattr(script, "train", fake_train)
-    monkeypatch.setattr(script, "retain_freed_memory", lambda: None)
+    monkeypatch.setattr(script, "retain_freed_memory", lambda device="cpu": None)
     monkeypatch.setattr(publishing, "publish", fake_publish)
     script.main(["--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/code", "hub.private=true"])
     assert published == [(tmp_path / "out", "me/code", True)]

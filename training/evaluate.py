@@ -15,7 +15,7 @@ from modeling_code.evaluation.runner import run_evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
-    retain_freed_memory()
+    retain_freed_memory("auto")  # the device accelerate picks
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_evaluate(add_evaluate_arguments(parser).parse_args(argv))
 

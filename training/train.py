@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    retain_freed_memory()
+    retain_freed_memory("auto")  # the device accelerate picks
     train(config, resume_from_checkpoint=args.resume_from_checkpoint,
           on_final_model=hub_publisher(config) if config.hub.push_to_hub else None)
 

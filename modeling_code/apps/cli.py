@@ -194,6 +194,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     except ValueError as err:
         _error("segment", f"--device: {err}")
         return EXIT_USAGE
+    retain_freed_memory(device)
     try:
         source = resolve_model_source(args.model)
     except (OSError, ValueError) as err:
@@ -263,6 +264,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     _register_auto_classes()
     _quiet_libraries()
+    retain_freed_memory("auto")  # the device run_evaluate's accelerator picks
     try:
         run_evaluate(args)
     except (OSError, ValueError, KeyError) as error:  # names, folders, model files: each says what is wrong
@@ -301,6 +303,7 @@ def _run_toy_world(args: argparse.Namespace) -> int:
     else:
         settings = ToyPipelineSettings(output_dir=args.output_dir)
     settings.seed = args.seed
+    retain_freed_memory()  # the toy pipeline runs on the CPU
     torch.set_num_threads(args.threads)  # the process's setting: the command line's to make, not the library's
     run_toy_world(settings)
     return EXIT_OK
@@ -378,7 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``code-seg`` with ``argv`` (default: the process arguments); returns the exit code."""
     args = build_parser().parse_args(argv)
-    retain_freed_memory()
     return args.handler(args)
 
 

@@ -32,6 +32,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--window_stride", type=int)
     parser.add_argument("--short_side", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batch_size", type=int,
+                        help="images per model call (default: 1 on the CPU, 16 on a GPU, whose windows share passes)")
+    parser.add_argument("--num_workers", type=int,
+                        help="processes decoding images ahead of the model (default: none on the CPU, 4 on a GPU)")
     return parser
 
 

@@ -1,9 +1,10 @@
 """The benchmark runner and its outputs, written against a model-independent predictor.
 
 A predictor maps an RGB image and the benchmark's class names (``"background"`` first for background
-benchmarks) to an [H, W] integer map of indices into those names, at the image's own size. The runner
-feeds it every sample, counts predictions against the mapped labels in a confusion matrix (one shard
-per process, matrices summed across processes) and keeps the first few samples for an overlay grid.
+benchmarks) to an [H, W] integer map of indices into those names, at the image's own size; asked for several
+images per call, it maps a list of images to a list of maps. The runner feeds it every sample (read by a
+DataLoader, in worker processes if asked), counts predictions against the mapped labels in a confusion matrix
+(one shard per process, matrices summed across processes) and keeps the first few samples for an overlay grid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .segmentation_datasets import SegmentationSource
 from .specs import BenchmarkSpec, map_labels
 
 Predictor = Callable[[Image.Image, Sequence[str]], np.ndarray]
+BatchPredictor = Callable[[list[Image.Image], Sequence[str]], Sequence[np.ndarray]]
 
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
@@ -118,25 +120,41 @@ def _sum_across_processes(
     return ConfusionMatrix.from_matrix(matrix, confusion.ignore_index), int(totals[-1])
 
 
+def _sample_batches(source: SegmentationSource, images_per_call: int, num_workers: int):
+    """The source's samples in lists of ``images_per_call``, read by ``num_workers`` processes (0: this one)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(source, batch_size=images_per_call, num_workers=num_workers, collate_fn=list)
+
+
 def evaluate_benchmark(
-    predictor: Predictor,
+    predictor: Predictor | BatchPredictor,
     spec: BenchmarkSpec,
     source: SegmentationSource,
     accelerator: Any = None,
     num_visualize: int = 8,
     progress: bool = True,
+    images_per_call: int = 1,
+    num_workers: int = 0,
 ) -> BenchmarkResult:
     """Run ``predictor`` over ``source`` and count it against the benchmark's labels.
 
     Args:
-        predictor: ``(image, class_names) -> [H, W]`` integer class indices at the image's size.
+        predictor: ``(image, class_names) -> [H, W]`` integer class indices at the image's size; with
+            ``images_per_call`` > 1, ``(list of images, class_names) -> list of [H_i, W_i]`` (as
+            ``CoDeSegmenter.predict`` takes either).
         spec: the benchmark (class names, label mapping).
         source: the samples (the whole split; each process takes its own shard).
         accelerator: an ``accelerate.Accelerator``; with several processes each evaluates one contiguous
             shard and the confusion matrices are summed, so every process returns the full result.
         num_visualize: how many of the first samples to keep for the overlay grid (main process).
         progress: show a progress bar (main process).
+        images_per_call: images given to the predictor at once (windows of several images then share the
+            model's passes).
+        num_workers: processes that read and decode the samples ahead of the predictor (0: this process).
     """
+    if images_per_call < 1 or num_workers < 0:
+        raise ValueError(f"Need images_per_call >= 1 and num_workers >= 0, got {images_per_call} and {num_workers}")
     description = source.describe()
     num_processes = 1 if accelerator is None else accelerator.num_processes
     is_main = accelerator is None or accelerator.is_main_process
@@ -145,26 +163,40 @@ def evaluate_benchmark(
     confusion = ConfusionMatrix(spec.num_classes)
     overlays: list[OverlayRow] = []
     num_images = 0
-    bar = tqdm(source, total=len(source), desc=spec.key, unit="img", disable=not (progress and is_main))
-    for image, raw_label, name in bar:
-        label = map_labels(raw_label, spec, apply_id_mapping=source.raw_label_ids)
-        if label.shape != (image.height, image.width):
-            raise ValueError(
-                f"{spec.key}/{name}: annotation shape {label.shape} differs from the image's "
-                f"(H, W) = {(image.height, image.width)}"
-            )
-        prediction = np.asarray(predictor(image, spec.class_names))
-        if prediction.shape != label.shape:
-            raise ValueError(
-                f"{spec.key}/{name}: the predictor returned shape {prediction.shape}, expected the "
-                f"image's (H, W) = {label.shape}"
-            )
-        confusion.update(prediction, label)
-        num_images += 1
-        if is_main and len(overlays) < num_visualize:
-            overlays.append(OverlayRow(name, image, label, prediction))
+    bar = tqdm(total=len(source), desc=spec.key, unit="img", disable=not (progress and is_main))
+    for samples in _sample_batches(source, images_per_call, num_workers):
+        labels = []
+        for image, raw_label, name in samples:
+            label = map_labels(raw_label, spec, apply_id_mapping=source.raw_label_ids)
+            if label.shape != (image.height, image.width):
+                raise ValueError(
+                    f"{spec.key}/{name}: annotation shape {label.shape} differs from the image's "
+                    f"(H, W) = {(image.height, image.width)}"
+                )
+            labels.append(label)
+        images = [sample.image for sample in samples]
+        if images_per_call == 1:
+            predictions = [predictor(images[0], spec.class_names)]
+        else:
+            predictions = list(predictor(images, spec.class_names))
+            if len(predictions) != len(images):
+                raise ValueError(f"{spec.key}: the predictor returned {len(predictions)} label maps for "
+                                 f"{len(images)} images")
+        for (image, _, name), label, prediction in zip(samples, labels, predictions):
+            prediction = np.asarray(prediction)
+            if prediction.shape != label.shape:
+                raise ValueError(
+                    f"{spec.key}/{name}: the predictor returned shape {prediction.shape}, expected the "
+                    f"image's (H, W) = {label.shape}"
+                )
+            confusion.update(prediction, label)
+            num_images += 1
+            if is_main and len(overlays) < num_visualize:
+                overlays.append(OverlayRow(name, image, label, prediction))
+        bar.update(len(samples))
         if not bar.disable:
             bar.set_postfix(mIoU=f"{100 * confusion.compute()['mIoU']:.1f}")
+    bar.close()
     if num_processes > 1:
         confusion, num_images = _sum_across_processes(accelerator, confusion, num_images)
     return BenchmarkResult(spec, confusion, num_images, description, overlays)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,23 @@ INFERENCE_SETTINGS = (
     "window_stride",
     "short_side",
 )
+
+# How samples reach the model, by device. On the CPU the model is the bottleneck and data workers would take its
+# cores: one image per call, read in the process. On an accelerator several images per call let the windows of
+# different images share the model's passes (``inference.segment_images`` batches them under its memory
+# budget), and workers decode the next images meanwhile.
+CPU_IMAGES_PER_CALL, CPU_DATA_WORKERS = 1, 0
+ACCELERATOR_IMAGES_PER_CALL, ACCELERATOR_DATA_WORKERS = 16, 4
+
+
+def sample_loading(device: Any, images_per_call: int | None = None, num_workers: int | None = None) -> tuple[int, int]:
+    """(images per predictor call, data workers) of an evaluation on ``device``; given values are kept."""
+    on_cpu = str(device).split(":")[0] == "cpu"
+    if images_per_call is None:
+        images_per_call = CPU_IMAGES_PER_CALL if on_cpu else ACCELERATOR_IMAGES_PER_CALL
+    if num_workers is None:
+        num_workers = CPU_DATA_WORKERS if on_cpu else min(ACCELERATOR_DATA_WORKERS, os.cpu_count() or 1)
+    return images_per_call, num_workers
 
 
 def with_inference_settings(model, **settings: Any):
@@ -65,6 +83,8 @@ def evaluate_dataset(
     accelerator: Any = None,
     progress: bool = True,
     num_visualize: int = 0,
+    images_per_call: int | None = None,
+    num_workers: int | None = None,
     **settings: Any,
 ) -> BenchmarkResult:
     """mIoU of ``model`` on one segmentation set (used by the trainer's periodic evaluation).
@@ -74,14 +94,17 @@ def evaluate_dataset(
             "label_column", "raw_label_ids"}``.
         benchmark: a benchmark key giving class names and label mapping; otherwise ``class_names`` (with
             ``background`` prepending the background class) describe the labels as stored.
+        images_per_call, num_workers: how samples reach the model; default by its device (``sample_loading``).
         settings: inference overrides: ``InferenceProtocol`` fields (``use_pamr=False``, ``kp_weight=1.0``, ...).
     """
     from ..predict.segmenter import CoDeSegmenter
 
     spec = evaluation_spec(benchmark, class_names, background)
     segmenter = CoDeSegmenter(model, processor, protocol=model.config.inference_protocol.replace(**settings))
+    images_per_call, num_workers = sample_loading(model.device, images_per_call, num_workers)
     return evaluate_benchmark(segmenter.predict, spec, _source(spec, dataset, limit), accelerator=accelerator,
-                              num_visualize=num_visualize, progress=progress)
+                              num_visualize=num_visualize, progress=progress,
+                              images_per_call=images_per_call, num_workers=num_workers)
 
 
 def _source(spec, dataset: dict[str, Any], limit: int | None):
@@ -120,6 +143,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
     settings = {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}
     segmenter = CoDeSegmenter.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=accelerator.device)
     segmenter.protocol = segmenter.protocol.replace(**settings)
+    images_per_call, num_workers = sample_loading(accelerator.device, args.batch_size, args.num_workers)
     results = []
     for spec in specs:
         with accelerator.main_process_first():
@@ -131,13 +155,16 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Path]:
                                       limit=args.limit)
         results.append(evaluate_benchmark(segmenter.predict, spec, source, accelerator=accelerator,
                                           num_visualize=args.num_visualize,
-                                          progress=accelerator.is_local_main_process))
+                                          progress=accelerator.is_local_main_process,
+                                          images_per_call=images_per_call, num_workers=num_workers))
     outputs: dict[str, Path] = {}
     if accelerator.is_main_process:
         run_settings = {
             "model": str(args.model),
             "dtype": args.dtype,
             "processes": accelerator.num_processes,
+            "images_per_call": images_per_call,
+            "data_workers": num_workers,
             **dataclasses.asdict(segmenter.protocol),
         }
         outputs = write_outputs(results, args.output_dir, run_settings, model_name=Path(str(args.model)).name)

@@ -86,7 +86,8 @@ class CoDeSegmenter:
         use_pamr: refine masks with PAMR; default: the protocol's.
         background_threshold: score of the ``background`` class; default: the protocol's.
         max_pixels: larger inputs are downscaled (aspect kept) with a warning; ``None``: no cap.
-        window_batch_size: sliding windows per model call (bounds memory).
+        window_batch_size: sliding windows per model call (bounds memory); default: as many as the device's
+            memory budget holds (``inference.windows_per_call``).
         vocabulary_cache_size: class lists whose embeddings are kept.
         overlay_alpha: opacity of the colour-coded labels in ``SegmentationResult.overlay``.
         protocol: the inference protocol; default ``model.config.inference_protocol``. ``use_pamr`` and
@@ -100,7 +101,7 @@ class CoDeSegmenter:
         use_pamr: bool | None = None,
         background_threshold: float | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        window_batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
+        window_batch_size: int | None = DEFAULT_WINDOW_BATCH_SIZE,
         vocabulary_cache_size: int = DEFAULT_VOCABULARY_CACHE_SIZE,
         overlay_alpha: float = DEFAULT_OVERLAY_ALPHA,
         protocol: InferenceProtocol | None = None,
@@ -111,7 +112,7 @@ class CoDeSegmenter:
             raise ValueError(f"max_pixels must be a positive number of pixels; got {max_pixels}")
         if not 0.0 <= overlay_alpha <= 1.0:
             raise ValueError(f"overlay_alpha must be in [0, 1]; got {overlay_alpha}")
-        if window_batch_size < 1:
+        if window_batch_size is not None and window_batch_size < 1:
             raise ValueError(f"window_batch_size must be a positive integer; got {window_batch_size}")
         self.model = model.eval()
         self.processor = processor
@@ -248,8 +249,13 @@ class CoDeSegmenter:
         results = [self._result(*parts, vocabulary) for parts in zip(loaded, label_maps, scores)]
         return results[0] if single else results
 
-    def predict(self, image: ImageLike, classes: Sequence[str] | VocabularyEmbeddings) -> np.ndarray:
-        """Only the [H, W] int64 label map of one image (indices into the class list): for evaluation loops."""
+    def predict(
+        self, image: ImageLike | Sequence[ImageLike], classes: Sequence[str] | VocabularyEmbeddings
+    ) -> np.ndarray | list[np.ndarray]:
+        """Only the [H, W] int64 label map of one image (indices into the class list), or a list of them for a
+        list of images (their windows share the model's passes): for evaluation loops."""
+        if isinstance(image, (list, tuple)):
+            return self._segment(image, classes, None, None)[1]
         return self._segment([image], classes, None, None)[1][0]
 
     def _result(

@@ -261,7 +261,10 @@ def train(
         state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
         step, best = state["step"], state.get("best")
         stream.load_state_dict(state["streams"])  # before the loader's workers copy the stream
-    loader = make_dataloader(stream, config.data.batch_size, config.data.num_workers, processor.collate_training)
+    # On CUDA the batches come in page-locked memory, so the host queues their copy to the GPU without waiting.
+    copies_to_cuda = accelerator.device.type == "cuda"
+    loader = make_dataloader(stream, config.data.batch_size, config.data.num_workers, processor.collate_training,
+                             pin_memory=copies_to_cuda)
     batches = iter(loader)  # draws the loader's seed from the global RNG, so do it before restoring the RNG
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -281,7 +284,7 @@ def train(
         core.set_masker_backbone_trainable(step >= optim.ust_steps)
         batch = next(batches)
         stream.record_progress(batch.pop(STREAM_PROGRESS_KEY))
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device, non_blocking=copies_to_cuda) for k, v in batch.items()}
         model.train()
         terms, grad_norm = training_step(accelerator, model, batch, optimizer, scheduler, optim.max_grad_norm)
         window_samples += batch["pixel_values"].shape[0] * accelerator.num_processes
