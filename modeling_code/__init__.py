@@ -8,7 +8,8 @@ are imported on first access. The ``code-seg`` console script defers even the re
 Layout, in layers from low to high (a module imports only from its own layer or lower ones):
 
 - the root modules: what a Hub model repository holds as remote code (config, model, image processor,
-  processor, text decomposition, templates, PAMR, inference); they import each other only relatively;
+  processor, text decomposition, templates, PAMR, inference, the ``zero-shot-image-segmentation`` pipeline);
+  they import each other only relatively;
 - ``predict``: ``CoDeSegmenter`` and the overlays (``from modeling_code import CoDeSegmenter`` works too);
 - ``evaluation``: benchmark specs, datasets, mIoU, the evaluation loop and its command line;
 - ``training``: the training config, data sources, optimisation and the trainer;
@@ -42,6 +43,7 @@ _LAZY_ATTRIBUTES = {
     "CoDeProcessor": ".processing_code",
     "CoDeSegmenter": ".predict.segmenter",
     "SegmentationResult": ".predict.segmenter",
+    "ZeroShotImageSegmentationPipeline": ".pipeline_code",
 }
 _registered = False
 
@@ -109,5 +111,6 @@ __all__ = [
     "CoDeWindowOutput",
     "InferenceProtocol",
     "SegmentationResult",
+    "ZeroShotImageSegmentationPipeline",
     "register_auto_classes",
 ]

@@ -2,8 +2,8 @@
 
 Everything is done with PIL, NumPy and torch (no torchvision):
 
-- ``load_image`` turns PIL images of any mode, NumPy arrays, file paths and encoded bytes into an RGB
-  PIL image. Files and bytes are turned upright by their EXIF orientation, transparent pixels are
+- ``load_image`` turns PIL images of any mode, NumPy arrays, file paths, URLs and encoded bytes into an RGB
+  PIL image. Files, downloads and bytes are turned upright by their EXIF orientation, transparent pixels are
   composited onto white (how such images are displayed), 16-bit data is scaled to 8 bits, and anything
   unusable raises ``InvalidImageError``.
 - training (docs/method.md#training-data): RandomResizedCrop with torchvision's sampling rule, PIL bilinear resize,
@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import math
+import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 4096 * 4096
+URL_SCHEMES = ("http://", "https://")
+URL_TIMEOUT_SECONDS = 30
 # Keys of 0.1 that held the evaluation resize; the model config's protocol owns it now.
 LEGACY_RESIZE_KEYS = ("eval_short_side", "eval_max_long_side")
 # Transparent pixels are composited onto this colour, as image viewers and browsers show them.
@@ -169,6 +172,14 @@ def _open_path(path: Path, max_pixels: int | None) -> Image.Image:
     return _decode(path, f"image file {str(path)!r}", max_pixels)
 
 
+def _download(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_SECONDS) as response:
+            return response.read()
+    except (OSError, ValueError) as error:  # urllib's URLError and HTTPError are OSErrors
+        raise InvalidImageError(f"Could not download the image at {url}: {error}") from error
+
+
 def _capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) scaled down, keeping the aspect ratio, to at most ``max_pixels`` pixels."""
     scale = math.sqrt(max_pixels / (width * height))
@@ -180,7 +191,8 @@ def load_image(image: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
     Args:
         image: a PIL image of any mode; a NumPy array of shape HxW, HxWx1, HxWx3 or HxWx4 (uint8,
-            uint16, or float in [0, 1]); a file path (``str`` or ``Path``); encoded bytes; or a mapping
+            uint16, or float in [0, 1]); a file path (``str`` or ``Path``); an ``http(s)://`` URL; encoded bytes;
+            or a mapping
             with ``"bytes"`` or ``"path"`` (what ``datasets.Image(decode=False)`` yields).
         max_pixels: images with more pixels are downscaled (aspect kept, bilinear) with a warning;
             ``None`` disables the cap. Encoded images above PIL's limit (``Image.MAX_IMAGE_PIXELS``, about
@@ -189,18 +201,20 @@ def load_image(image: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     Conversions: transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited
     onto white; 16-bit data (I;16*, and I, which is how PIL opens 16-bit PNGs) is scaled by 255/65535;
     mode F follows the float array rule ([0, 1]); CMYK, palette, 1-bit and the rest use PIL's
-    ``convert("RGB")``. Files and bytes are turned by their EXIF orientation (phone photos), as viewers and
-    browsers show them; PIL images and arrays are taken as they are (their owner decoded them, e.g. a benchmark
+    ``convert("RGB")``. Files, URLs and bytes are turned by their EXIF orientation (phone photos), as viewers
+    and browsers show them; PIL images and arrays are taken as they are (their owner decoded them, e.g. a benchmark
     loader that keeps the stored orientation its label maps share).
 
     Raises:
-        InvalidImageError: empty image, unreadable or corrupt data, missing path, wrong array shape or
-            dtype, out-of-range float values, or an unsupported input type.
+        InvalidImageError: empty image, unreadable or corrupt data, missing path, failed download, wrong array
+            shape or dtype, out-of-range float values, or an unsupported input type.
     """
     if isinstance(image, Image.Image):
         rgb = _to_rgb(image)
     elif isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image)
+    elif isinstance(image, str) and image.startswith(URL_SCHEMES):
+        rgb = _decode(io.BytesIO(_download(image)), f"image at {image}", max_pixels)
     elif isinstance(image, (str, Path)):
         rgb = _open_path(Path(image), max_pixels)
     elif isinstance(image, (bytes, bytearray)):
@@ -479,7 +493,8 @@ class CoDeImageProcessor(BaseImageProcessor):
         outputs: Any,
         target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
         background_threshold: float | None = None,
-    ) -> list[torch.Tensor]:
+        return_scores: bool = False,
+    ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Class score maps -> label maps (class ids are positions in the vocabulary, ``background`` included).
 
         Args:
@@ -490,9 +505,12 @@ class CoDeImageProcessor(BaseImageProcessor):
                 as the processor saw them (``outputs.original_sizes``), or the maps' own sizes without those.
             background_threshold: deprecated (goes in 0.3): prepends a constant background map as class 0; put
                 ``background`` in the class list instead.
+            return_scores: also return each pixel's score for its class.
 
         Returns:
-            list of B ``torch.LongTensor`` [H_i, W_i] of class ids.
+            list of B ``torch.LongTensor`` [H_i, W_i] of class ids; with ``return_scores``, list of B dicts:
+            ``segmentation`` (those class ids) and ``scores`` (``torch.FloatTensor`` [H_i, W_i], the winning
+            class's score at each pixel, after the same resize).
         """
         scores = getattr(outputs, "scores", None)
         if scores is None:
@@ -527,5 +545,6 @@ class CoDeImageProcessor(BaseImageProcessor):
                     )[0]
             # the indices of torch.max (the first maximum, as argmax's): its reduction over the class dimension
             # is faster on the CPU than torch.argmax's
-            segmentations.append(maps.max(dim=0).indices)
+            best = maps.max(dim=0)
+            segmentations.append({"segmentation": best.indices, "scores": best.values} if return_scores else best.indices)
         return segmentations

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, CLIPTextConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.utils import ModelOutput, logging
 
@@ -238,6 +241,19 @@ class CoDePreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["CLIPEncoderLayer", "CLIPTextEmbeddings", "CLIPVisionEmbeddings"]  # noqa: RUF012
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained``; saved as remote code (the package registers the model for it), the
+        folder also gets the ``zero-shot-image-segmentation`` pipeline: its module beside the model's and its entry
+        under ``custom_pipelines`` in ``config.json`` (``pipeline_code``)."""
+        if self._auto_class is not None:
+            # imported here: the pipeline module imports this one
+            from .pipeline_code import CUSTOM_PIPELINES, ZeroShotImageSegmentationPipeline
+
+            os.makedirs(save_directory, exist_ok=True)
+            custom_object_save(ZeroShotImageSegmentationPipeline, save_directory)
+            self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         config = self.config

@@ -408,11 +408,16 @@ class CoDeProcessor(ProcessorMixin):
         return encoded
 
     def post_process_semantic_segmentation(
-        self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """Label maps [H_i, W_i] (class ids: positions in the vocabulary) from the model's output; see
-        ``CoDeImageProcessor.post_process_semantic_segmentation``."""
-        return self.image_processor.post_process_semantic_segmentation(outputs, target_sizes)
+        self,
+        outputs: Any,
+        target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        return_scores: bool = False,
+    ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Label maps [H_i, W_i] (class ids: positions in the vocabulary) from the model's output, with each
+        pixel's score when ``return_scores``; see ``CoDeImageProcessor.post_process_semantic_segmentation``."""
+        return self.image_processor.post_process_semantic_segmentation(
+            outputs, target_sizes, return_scores=return_scores
+        )
 
 
 __all__ = ["CoDeProcessor", "bpe_token_ids", "clip_token_ids"]

@@ -20,7 +20,7 @@ from modeling_code.training.config import TrainingConfig, save_training_config
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FILES = [
     "README.md", "config.json", "configuration_code.py", "image_processing_code.py", "inference.py", "losses.py",
-    "masker.py", "model.safetensors", "modeling_code.py", "ops.py", "pamr.py", "processing_code.py",
+    "masker.py", "model.safetensors", "modeling_code.py", "ops.py", "pamr.py", "pipeline_code.py", "processing_code.py",
     "processor_config.json", "templates.py", "text_decomposition.py", "tokenizer.json", "tokenizer_config.json",
 ]
 
@@ -58,8 +58,11 @@ def test_dry_run_folder_loads_and_runs_the_cards_snippet_without_the_package(tra
     staged = tmp_path / "staged"
     publish(trained_dir, "me/code-tiny", dry_run_dir=staged)
     card = (staged / "README.md").read_text()
-    snippet = next(block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "trust_remote_code" in block)
-    script = NO_PACKAGE_PRELUDE + snippet.replace('"me/code-tiny"', repr(str(staged))) + (
+    pipeline_snippet, steps_snippet = [
+        block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "trust_remote_code" in block
+    ]
+    script = NO_PACKAGE_PRELUDE + (pipeline_snippet + steps_snippet).replace('"me/code-tiny"', repr(str(staged))) + (
+        "print([(s['label'], s['mask'].size) for s in segments if s['label'] == 'background'])\n"
         "print(type(model).__module__, type(processor).__name__, 'x'.join(map(str, outputs.scores.shape[:2])), "
         "'x'.join(map(str, label_map.shape)), sum(p.numel() for p in model.parameters()), sep='|')\n"
     )
@@ -67,7 +70,9 @@ def test_dry_run_folder_loads_and_runs_the_cards_snippet_without_the_package(tra
     completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                                text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    module, processor_class, shape, label_shape, parameters = completed.stdout.strip().splitlines()[-1].split("|")
+    segments_line, steps_line = completed.stdout.strip().splitlines()[-2:]
+    assert segments_line == "[('background', (90, 70))]"  # the pipeline: random weights score below 0.4
+    module, processor_class, shape, label_shape, parameters = steps_line.split("|")
     assert module.startswith("transformers_modules.") and processor_class == "CoDeProcessor"
     from modeling_code import CoDeModel
 

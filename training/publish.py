@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"publish: error: {error}", file=sys.stderr)
         return 2
+    if result.package_code:
+        print("the folder predates the zero-shot-image-segmentation pipeline (no entry in its config.json): "
+              "staged this package's remote code and the pipeline's entry")
     if result.folder is not None:
         print(f"dry run: staged {len(result.files)} files in {result.folder}:")
     else:

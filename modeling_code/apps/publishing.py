@@ -5,10 +5,13 @@ dry run (``dry_run_dir``) is a byte-for-byte preview of the upload. The staged s
 
 - the weights: ``*.safetensors`` (and the shard index when sharded);
 - ``config.json`` (whose ``auto_map`` points at the remote code) and the processor and tokenizer files;
-- the remote-code modules named by the ``auto_map`` entries, with every module they import relatively;
+- the remote-code modules named by the ``auto_map`` entries and by the ``zero-shot-image-segmentation`` entry of
+  ``custom_pipelines``, with every module they import relatively;
 - ``README.md``: the model card rendered by ``model_card.model_card_for_directory``.
 
-Nothing else from the folder (checkpoints, logs, training summaries) is uploaded.
+A folder saved before the pipeline existed (its ``config.json`` has no such entry) is staged with this package's
+remote code instead of its own, and the entry is written into the staged ``config.json``: the pipeline needs the
+code of its own release. Nothing else from the folder (checkpoints, logs, training summaries) is uploaded.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..pipeline_code import CUSTOM_PIPELINES, PIPELINE_TASK
 from .model_card import DEFAULT_LICENSE, model_card_for_directory
 
 CARD_FILE = "README.md"
@@ -43,6 +47,10 @@ REQUIRED_AUTO_MAP = {
     MODEL_CONFIG_FILE: ("AutoConfig", "AutoModel"),
     PROCESSOR_CONFIG_FILE: ("AutoProcessor",),
 }
+# The package's own remote code: the modules of the classes above and of the pipeline (and what they import).
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+PACKAGE_REMOTE_MODULES = ("configuration_code", "modeling_code", "image_processing_code", "processing_code",
+                          "pipeline_code")
 # Remote weight files not in a new upload are deleted, so a change of sharding leaves no stale shards.
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 
@@ -55,11 +63,14 @@ class PublishResult:
         files: the staged files, relative to the repository root, sorted.
         folder: the dry-run folder, or None after an upload.
         commit_url: the Hub commit of the upload, or None for a dry run.
+        package_code: the folder predated the pipeline, so this package's remote code was staged instead of its
+            own.
     """
 
     files: list[str]
     folder: Path | None
     commit_url: str | None
+    package_code: bool = False
 
 
 def _auto_map_modules(auto_map: Any, required: tuple[str, ...], where: Path) -> set[str]:
@@ -91,21 +102,46 @@ def _relative_imports(source: Path) -> set[str]:
     return modules
 
 
+def _has_pipeline(model_dir: Path) -> bool:
+    config = json.loads((model_dir / MODEL_CONFIG_FILE).read_text())
+    return PIPELINE_TASK in (config.get("custom_pipelines") or {})
+
+
+def _remote_code_roots(model_dir: Path) -> list[tuple[str, str]]:
+    """``(module, needed_by)`` for the ``auto_map`` classes of both config files and the ``custom_pipelines``
+    modules; checks that the files exist and name the required classes."""
+    roots: list[tuple[str, str]] = []
+    for config_file, required in REQUIRED_AUTO_MAP.items():
+        path = model_dir / config_file
+        if not path.is_file():
+            raise ValueError(f"{model_dir} has no {config_file}; save the model and its processor there first")
+        config = json.loads(path.read_text())
+        modules = _auto_map_modules(config.get("auto_map"), required, path)
+        modules.update(entry["impl"].rsplit(".", 1)[0] for entry in (config.get("custom_pipelines") or {}).values())
+        roots.extend((module, config_file) for module in sorted(modules))
+    return roots
+
+
 def remote_code_files(model_dir: str | Path) -> list[str]:
     """The ``.py`` files of ``model_dir`` that remote-code loading needs: the ``auto_map`` modules of
-    ``config.json`` and ``processor_config.json`` and, recursively, what they import relatively.
+    ``config.json`` and ``processor_config.json``, the pipeline's module named in ``custom_pipelines`` and,
+    recursively, what they import relatively.
 
     Raises:
         ValueError: a config file is missing, has no (complete) ``auto_map``, or a needed module is absent.
     """
     model_dir = Path(model_dir)
-    pending: list[tuple[str, str]] = []
-    for config_file, required in REQUIRED_AUTO_MAP.items():
-        path = model_dir / config_file
-        if not path.is_file():
-            raise ValueError(f"{model_dir} has no {config_file}; save the model and its processor there first")
-        auto_map = json.loads(path.read_text()).get("auto_map")
-        pending.extend((module, config_file) for module in sorted(_auto_map_modules(auto_map, required, path)))
+    return _with_relative_imports(model_dir, _remote_code_roots(model_dir))
+
+
+def package_remote_code_files() -> list[str]:
+    """This package's remote-code files (``PACKAGE_REMOTE_MODULES`` and what they import), as a model saves them."""
+    return _with_relative_imports(PACKAGE_DIR, [(module, "code-seg") for module in PACKAGE_REMOTE_MODULES])
+
+
+def _with_relative_imports(model_dir: Path, pending: list[tuple[str, str]]) -> list[str]:
+    """``{module}.py`` of each ``(module, needed_by)`` in ``pending`` and of every module they import
+    relatively, recursively; a missing file raises ValueError naming what needs it."""
     found: set[str] = set()
     while pending:
         module, needed_by = pending.pop()
@@ -123,7 +159,8 @@ def remote_code_files(model_dir: str | Path) -> list[str]:
 
 
 def upload_file_list(model_dir: str | Path) -> list[str]:
-    """Every file of ``model_dir`` to upload (the card, written at staging, excluded), sorted.
+    """Every file to upload for ``model_dir`` (the card, written at staging, excluded), sorted; the ``.py``
+    files are this package's when the folder predates the pipeline (``package_remote_code_files``).
 
     Raises:
         ValueError: no safetensors weights, or incomplete remote code (see ``remote_code_files``).
@@ -133,7 +170,9 @@ def upload_file_list(model_dir: str | Path) -> list[str]:
     if not any(name.endswith(".safetensors") for name in weights):
         raise ValueError(f"{model_dir} has no .safetensors weights; save the model with save_pretrained first")
     processor_files = [name for name in PROCESSOR_FILES if (model_dir / name).is_file()]
-    return sorted({*weights, MODEL_CONFIG_FILE, *processor_files, *remote_code_files(model_dir)})
+    _remote_code_roots(model_dir)  # both configs must name their classes, whichever code is staged
+    code = remote_code_files(model_dir) if _has_pipeline(model_dir) else package_remote_code_files()
+    return sorted({*weights, MODEL_CONFIG_FILE, *processor_files, *code})
 
 
 def stage_upload(
@@ -153,8 +192,14 @@ def stage_upload(
     files = upload_file_list(model_dir)
     card = model_card_for_directory(model_dir, repo_id, results_json, license)
     destination.mkdir(parents=True, exist_ok=True)
+    package_code = not _has_pipeline(model_dir)
     for name in files:
-        shutil.copy2(model_dir / name, destination / name)
+        source = PACKAGE_DIR / name if package_code and name.endswith(".py") else model_dir / name
+        shutil.copy2(source, destination / name)
+    if package_code:
+        config = json.loads((model_dir / MODEL_CONFIG_FILE).read_text())
+        config["custom_pipelines"] = {**(config.get("custom_pipelines") or {}), **CUSTOM_PIPELINES}
+        (destination / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     card.save(destination / CARD_FILE)
     return sorted([*files, CARD_FILE])
 
@@ -187,7 +232,7 @@ def publish(
     """
     if dry_run_dir is not None:
         files = stage_upload(model_dir, dry_run_dir, repo_id, results_json, license)
-        return PublishResult(files, Path(dry_run_dir), None)
+        return PublishResult(files, Path(dry_run_dir), None, not _has_pipeline(Path(model_dir)))
     if api is None:
         from huggingface_hub import HfApi
 
@@ -205,7 +250,9 @@ def publish(
             commit_message=commit_message,
             delete_patterns=STALE_WEIGHT_PATTERNS,
         )
-    return PublishResult(files, None, getattr(commit, "commit_url", None) or str(commit))
+    return PublishResult(
+        files, None, getattr(commit, "commit_url", None) or str(commit), not _has_pipeline(Path(model_dir))
+    )
 
 
 __all__ = ["PublishResult", "publish", "remote_code_files", "stage_upload", "upload_file_list"]
