@@ -51,24 +51,21 @@ def _median_seconds(run, runs: int) -> float:
     return statistics.median(times)
 
 
-def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
-    """(20-class vocabulary seconds, demo request with a new vocabulary seconds, bare pass of its windows)."""
+def vit_b16_model_and_processor(threads: int):
+    """A random ViT-B/16-sized CoDe model and a processor whose tokenizer knows the VOC names and templates, set
+    up as the code-seg command and the demo run (freed memory retained, ``threads`` threads)."""
     import tempfile
 
-    import numpy as np
     import torch
-    from PIL import Image
 
     from modeling_code import CoDeConfig, CoDeModel
     from modeling_code.apps.allocator import retain_freed_memory
     from modeling_code.image_processing_code import CoDeImageProcessor
-    from modeling_code.inference import encode_vocabulary
-    from modeling_code.predict.segmenter import CoDeSegmenter
     from modeling_code.processing_code import CoDeProcessor
     from modeling_code.templates import get_templates
     from modeling_code.toy.word_tokenizer import build_clip_tokenizer
 
-    retain_freed_memory()  # as the code-seg command and the demo do
+    retain_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = CoDeModel(CoDeConfig()).eval()
@@ -77,10 +74,26 @@ def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float, float]:
         tokenizer = build_clip_tokenizer(sorted(words), directory)
     model.config.clip_config.text_config.eos_token_id = tokenizer.eos_token_id
     model.prompt_learner.eos_token_id = tokenizer.eos_token_id
-    processor = CoDeProcessor(CoDeImageProcessor(), tokenizer)
+    return model, CoDeProcessor(CoDeImageProcessor(), tokenizer)
+
+
+def voc_size_image():
+    """A 500x375 RGB image of random pixels (a VOC image's size: 2 windows after the resize)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+
+
+def vocabulary_and_demo(threads: int, runs: int) -> tuple[float, float]:
+    """(20-class vocabulary seconds, demo request with a new vocabulary seconds)."""
+    from modeling_code.inference import encode_vocabulary
+    from modeling_code.predict.segmenter import CoDeSegmenter
+
+    model, processor = vit_b16_model_and_processor(threads)
     vocabulary_seconds = _median_seconds(lambda: encode_vocabulary(model, processor, list(VOC_NAMES)), runs)
 
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    image = voc_size_image()
     counter = iter(range(10**6))
 
     def demo_request():  # a fresh vocabulary every time: the cache cannot help

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +27,8 @@ from modeling_code.image_processing_code import InvalidImageError
 from modeling_code.pipeline_code import CUSTOM_PIPELINES, PIPELINE_TASK
 
 LABELS = ["cat", "sofa", "grass", "sky", "road", "tree", "water", "bird"]
-LEGACY_DIR = Path(__file__).parent / "data" / "model_v0_1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LEGACY_DIR = REPO_ROOT / "tests" / "data" / "model_v0_1"
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +261,13 @@ def test_scores_of_the_post_processing_are_the_winning_class_scores(loaded):
         resized = torch.nn.functional.interpolate(maps[None].float(), size=tuple(size), mode="bilinear",
                                                   align_corners=False)[0]
         torch.testing.assert_close(result["scores"], resized.gather(0, labels[None])[0])
+
+
+def test_the_benchmark_times_the_three_paths(loaded):
+    spec = importlib.util.spec_from_file_location("pipeline_benchmark", REPO_ROOT / "benchmarks" / "pipeline.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    model, processor = loaded
+    figures = benchmark.measure(model, processor, photo(50, 40, 10), ["background", "cat", "sofa"], runs=2)
+    assert set(figures) == {"pipeline", "segmenter", "segmenter_cached"}
+    assert all(0 < seconds < 60 for seconds in figures.values())
