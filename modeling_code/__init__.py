@@ -50,7 +50,9 @@ _registered = False
 
 def register_auto_classes() -> None:
     """Register ``CoDeConfig``/``CoDeModel``/``CoDeImageProcessor``/``CoDeProcessor`` with transformers' Auto classes
-    (model type ``code``) and mark them for remote code; idempotent. ``import modeling_code`` calls it."""
+    (model type ``code``) and mark them for remote code, and register the ``zero-shot-image-segmentation``
+    pipeline, so that ``pipeline(task, model=<a CoDeModel in memory>, processor=...)`` finds it; idempotent.
+    ``import modeling_code`` calls it."""
     global _registered
     if _registered:
         return
@@ -59,10 +61,12 @@ def register_auto_classes() -> None:
     # The class from its module: some transformers 5 releases (5.17 among them) replace the top-level name by a
     # placeholder demanding torchvision when it is absent, which this package does not need.
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
+    from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_code import CoDeConfig
     from .image_processing_code import CoDeImageProcessor
     from .modeling_code import CoDeModel
+    from .pipeline_code import PIPELINE_TASK, ZeroShotImageSegmentationPipeline
     from .processing_code import CoDeProcessor
 
     AutoConfig.register(CoDeConfig.model_type, CoDeConfig, exist_ok=True)
@@ -73,6 +77,9 @@ def register_auto_classes() -> None:
     AutoProcessor.register(CoDeConfig, CoDeProcessor, exist_ok=True)
     CoDeImageProcessor.register_for_auto_class("AutoImageProcessor")
     CoDeProcessor.register_for_auto_class("AutoProcessor")
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=ZeroShotImageSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+    )
     _registered = True
 
 

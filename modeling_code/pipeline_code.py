@@ -8,8 +8,9 @@
 Every saved model carries this module: ``CoDeModel.save_pretrained`` writes it beside the model's code and names
 it under ``custom_pipelines`` in ``config.json``, so the call above needs no code-seg package. transformers asks for
 ``trust_remote_code=True`` for any ``custom_pipelines`` entry, installed package or not; the pipeline, model and
-processor then all come from the model folder's copy of the code. With a model already in memory, build the
-pipeline directly: ``ZeroShotImageSegmentationPipeline(model=model, processor=processor)``.
+processor come from the folder's code, or the model and processor from the package where it is imported (the
+pipeline relies on no class identity across the two). Importing the package also registers the task, so a model
+in memory needs no remote code: ``pipeline("zero-shot-image-segmentation", model=model, processor=processor)``.
 
 It adds no inference of its own: the processor prepares each image, ``model(...)`` segments it with the
 vocabulary's embeddings (encoded once per call) and the processor's ``post_process_semantic_segmentation`` gives
@@ -18,6 +19,7 @@ the label map and its scores at the image's size.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,6 +107,12 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         if isinstance(inputs, tuple):
             inputs = list(inputs)
         return super().__call__(inputs, candidate_labels=candidate_labels, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """The model (with this module and its ``custom_pipelines`` entry) and the whole processor, which
+        ``Pipeline.save_pretrained`` would save only in parts."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
 
     def _sanitize_parameters(
         self,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import NO_PACKAGE_PRELUDE, save_exif_photo, upright_test_picture
 from PIL import Image
+from transformers import pipeline
 
 from modeling_code import CoDeModel, CoDeProcessor, ZeroShotImageSegmentationPipeline, pipeline_code
 from modeling_code.apps.publishing import publish
@@ -182,6 +183,23 @@ def test_every_saved_model_carries_the_pipeline(tiny_model_dir, tmp_path):
     assert "pipeline_code.py" in result.files and (tmp_path / "staged" / "pipeline_code.py").is_file()
     legacy = json.loads((LEGACY_DIR / "config.json").read_text())
     assert {key: value for key, value in staged.items() if key != "custom_pipelines"} == legacy
+
+
+def test_a_model_in_memory_through_transformers_pipeline_and_saved_back(loaded, tmp_path):
+    model, processor = loaded
+    segment = pipeline(PIPELINE_TASK, model=model, processor=processor, device="cpu")  # registered on import
+    assert isinstance(segment, ZeroShotImageSegmentationPipeline)
+    image = photo(40, 30, 11)
+    expected = segment(image, candidate_labels=["cat", "sofa"])
+
+    segment.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert json.loads((saved / "config.json").read_text())["custom_pipelines"] == CUSTOM_PIPELINES
+    assert (saved / "pipeline_code.py").is_file() and (saved / "processor_config.json").is_file()
+    reloaded = ZeroShotImageSegmentationPipeline(
+        model=CoDeModel.from_pretrained(saved), processor=CoDeProcessor.from_pretrained(saved), device="cpu"
+    )
+    assert reloaded(image, candidate_labels=["cat", "sofa"]) == expected
 
 
 # ------------------------------------------------------------------------------------ through transformers
