@@ -17,7 +17,7 @@ from helpers import TINY_CODE_OVERRIDES, make_tiny_clip_config
 from PIL import Image
 from transformers import CLIPModel
 
-from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor
+from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor, ops
 from modeling_code.apps.cli import EXIT_OK, EXIT_USAGE, main
 from modeling_code.apps.onnx_export import AlwaysInterpolatedPositions, export_onnx
 from modeling_code.inference import encode_vocabulary
@@ -130,6 +130,14 @@ def test_window_masks_equal_torch(torch_model, onnx_model, size, num_classes, ba
     torch.testing.assert_close(got.masks, expected.masks, rtol=0, atol=TOLERANCE)
     torch.testing.assert_close(got.kp_masks, expected.kp_masks, rtol=0, atol=TOLERANCE)
     assert float(got.masks.std()) > 0.01  # not a flat map that would equal anything
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 3, 3, 5), (1, 1, 1, 3, 3, 4), (1, 2, 1, 3, 3, 3), (1, 28, 13, 3, 3, 8)])
+def test_the_phase_sums_traced_for_export_equal_the_eager_ones(shape, monkeypatch):
+    taps = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    eager = ops.phase_sum_fwd(taps)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(ops.phase_sum_fwd(taps), eager)
 
 
 @pytest.mark.parametrize("size", [(16, 16), (32, 32), (16, 48), (32, 80)], ids=lambda s: f"{s[0]}x{s[1]}")
