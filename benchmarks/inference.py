@@ -53,7 +53,17 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _setup(scenario: Scenario, threads: int):
+def random_model(overrides: dict | None = None):
+    """The benchmarks' randomly initialised CoDe, seed 0: ``CoDeConfig(**overrides)``, by default ViT-B/16-sized."""
+    import torch
+
+    from modeling_code import CoDeConfig, CoDeModel
+
+    torch.manual_seed(0)
+    return CoDeModel(CoDeConfig(**(overrides or {}))).eval()
+
+
+def _setup(scenario: Scenario, threads: int, overrides: dict | None = None):
     """Everything a run needs, built once: (model, bare vision model, image processor, vocabulary, image)."""
     import numpy as np
     import torch
@@ -61,15 +71,13 @@ def _setup(scenario: Scenario, threads: int):
     from PIL import Image
     from transformers import CLIPVisionModel
 
-    from modeling_code import CoDeConfig, CoDeModel
     from modeling_code.apps.allocator import retain_freed_memory
     from modeling_code.image_processing_code import CoDeImageProcessor
     from modeling_code.inference import VocabularyEmbeddings
 
     retain_freed_memory()  # as the code-seg command does
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = CoDeModel(CoDeConfig()).eval()
+    model = random_model(overrides)
     bare = CLIPVisionModel(model.config.clip_config.vision_config).eval()
     width = model.config.clip_config.projection_dim
     names = [f"class {index}" for index in range(scenario.num_text_classes)]
@@ -111,15 +119,13 @@ def _runner(configuration: str, model, bare, image_processor, vocabulary, image)
     return run, len(windows)
 
 
-def time_scenario(scenario: Scenario, threads: int, runs: int) -> dict:
-    """Median wall-clock and process CPU seconds of each configuration, runs interleaved after one warm-up."""
-    parts = _setup(scenario, threads)
-    runners = {name: _runner(name, *parts)[0] for name in CONFIGURATIONS}
-    num_windows = _runner("bare", *parts)[1]
+def time_interleaved(runners: dict, runs: int) -> dict:
+    """{"wall": {name: median seconds}, "cpu": {name: median process CPU seconds}} of each runner: one warm-up
+    run each, then ``runs`` rounds that run every runner once, in order."""
     for run in runners.values():
         run()
-    wall: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
-    cpu: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(runs):
         for name, run in runners.items():
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -127,10 +133,16 @@ def time_scenario(scenario: Scenario, threads: int, runs: int) -> dict:
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     return {
-        "windows": num_windows,
         "wall": {name: statistics.median(values) for name, values in wall.items()},
         "cpu": {name: statistics.median(values) for name, values in cpu.items()},
     }
+
+
+def time_scenario(scenario: Scenario, threads: int, runs: int) -> dict:
+    """Median wall-clock and process CPU seconds of each configuration, runs interleaved after one warm-up."""
+    parts = _setup(scenario, threads)
+    runners = {name: _runner(name, *parts)[0] for name in CONFIGURATIONS}
+    return {"windows": _runner("bare", *parts)[1], **time_interleaved(runners, runs)}
 
 
 def peak_memory(scenario: Scenario, threads: int, configuration: str) -> int:

@@ -364,9 +364,31 @@ def _spread_phase_grads(phase0: torch.Tensor, phase1: torch.Tensor, axis: int, t
     last.copy_(phase0).narrow(axis, 1, size - 1).add_(phase1.narrow(axis, 0, size - 1))
 
 
+def _shifted_phase_taps(taps: torch.Tensor, axis: int, phase: int) -> torch.Tensor:
+    """``_sum_phase_taps`` without writes into slices: the neighbour's taps shifted by concatenating a zero row.
+    Same additions in the same order, so the same values."""
+    size = taps.shape[axis]
+    offset = [taps.select(axis + 2, k) for k in range(3)]
+    border = torch.zeros_like(offset[0].narrow(axis, 0, 1))
+    if phase == 0:
+        return offset[1] + offset[2] + torch.cat([border, offset[0].narrow(axis, 0, size - 1)], dim=axis)
+    return offset[0] + offset[1] + torch.cat([offset[2].narrow(axis, 1, size - 1), border], dim=axis)
+
+
 def phase_sum_fwd(taps: torch.Tensor) -> torch.Tensor:
     """Tap products [B, H, W, 3, 3, C] -> the 3×3 convolution of the nearest-×2 upsampled map as its four
-    phases [B, H, 2, W, 2, C] (row phase, column phase; no bias)."""
+    phases [B, H, 2, W, 2, C] (row phase, column phase; no bias).
+
+    Under ``torch.export`` (the ONNX export) the phases are stacked instead of written into slices of the
+    output, which the exporter turns into scatters over the whole output (slow in onnxruntime).
+    """
+    if torch.compiler.is_exporting():
+        column_sums = [_shifted_phase_taps(taps, 2, column_phase) for column_phase in range(2)]
+        return torch.stack(
+            [torch.stack([_shifted_phase_taps(sums, 1, row_phase) for sums in column_sums], dim=3)
+             for row_phase in range(2)],
+            dim=2,
+        )
     batch, height, width, _, _, channels = taps.shape
     out = taps.new_empty(batch, height, 2, width, 2, channels)
     for column_phase in range(2):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ from helpers import TINY_CODE_OVERRIDES, make_tiny_clip_config
 from PIL import Image
 from transformers import CLIPModel
 
-from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor
-from modeling_code.apps.cli import EXIT_OK, EXIT_USAGE, main
+from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor, ops
+from modeling_code.apps.cli import EXIT_OK, EXIT_USAGE, build_parser, main
 from modeling_code.apps.onnx_export import AlwaysInterpolatedPositions, export_onnx
 from modeling_code.inference import encode_vocabulary
 from modeling_code.predict.onnx_runtime import (
@@ -130,6 +131,14 @@ def test_window_masks_equal_torch(torch_model, onnx_model, size, num_classes, ba
     torch.testing.assert_close(got.masks, expected.masks, rtol=0, atol=TOLERANCE)
     torch.testing.assert_close(got.kp_masks, expected.kp_masks, rtol=0, atol=TOLERANCE)
     assert float(got.masks.std()) > 0.01  # not a flat map that would equal anything
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 3, 3, 5), (1, 1, 1, 3, 3, 4), (1, 2, 1, 3, 3, 3), (1, 28, 13, 3, 3, 8)])
+def test_the_phase_sums_traced_for_export_equal_the_eager_ones(shape, monkeypatch):
+    taps = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    eager = ops.phase_sum_fwd(taps)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(ops.phase_sum_fwd(taps), eager)
 
 
 @pytest.mark.parametrize("size", [(16, 16), (32, 32), (16, 48), (32, 80)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -252,6 +261,23 @@ def test_the_export_command_names_a_missing_model_and_missing_packages(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "tflite", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
+
+
+def test_the_export_command_takes_out_and_output_dir_alike():
+    parser = build_parser()
+    for spelling in ("--out", "--output_dir", "--output-dir"):
+        args = parser.parse_args(["export", "onnx", "--model", "m", spelling, "exported"])
+        assert args.out == Path("exported") and args.model == "m" and args.format == "onnx"
+
+
+def test_num_threads_sets_both_sessions_thread_counts_in_the_given_options(export_dir):
+    options = import_onnxruntime().SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = CoDeOnnxModel(export_dir, num_threads=3, session_options=options)
+    for session in (model.text_session, model.image_session):
+        used = session.get_session_options()
+        assert used.intra_op_num_threads == 3 and used.inter_op_num_threads == 1
+        assert used.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_the_onnx_model_takes_the_processors_output_as_the_torch_model_does(torch_model, onnx_model, processor):

@@ -191,7 +191,7 @@ def _image_dynamic_shapes(model: CoDeModel) -> dict:
 def _export_graph(module: nn.Module, examples: tuple, dynamic_shapes: dict, input_names, output_names, path: Path):
     try:
         program = torch.onnx.export(
-            module,
+            module.eval(),  # a new wrapper is in training mode, which the exporter warns of
             examples,
             dynamo=True,
             dynamic_shapes=dynamic_shapes,

@@ -127,15 +127,22 @@ class CoDeOnnxModel:
 
     Args:
         directory: an export folder (``code-seg export onnx``).
-        num_threads: threads of each session's operators (``intra_op_num_threads``); default onnxruntime's.
+        num_threads: threads of each session's operators (``intra_op_num_threads``, with ``inter_op_num_threads``
+            1: operators run one after another); default onnxruntime's.
         providers: onnxruntime execution providers; default the CPU.
+        session_options: ``onnxruntime.SessionOptions`` for both sessions (optimisation level, spinning,
+            profiling, ...); ``num_threads``, when given, sets its thread counts.
     """
 
     device = torch.device("cpu")
     dtype = torch.float32
 
     def __init__(
-        self, directory: str | os.PathLike, num_threads: int | None = None, providers: list[str] | None = None
+        self,
+        directory: str | os.PathLike,
+        num_threads: int | None = None,
+        providers: list[str] | None = None,
+        session_options=None,
     ) -> None:
         onnxruntime = import_onnxruntime()
         if num_threads is not None and num_threads < 1:
@@ -143,9 +150,10 @@ class CoDeOnnxModel:
         self.directory = Path(directory).expanduser()
         self.metadata = read_export_metadata(self.directory)
         self.config = CoDeConfig.from_pretrained(self.directory)
-        options = onnxruntime.SessionOptions()
+        options = session_options or onnxruntime.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
         providers = providers or ["CPUExecutionProvider"]
         self.text_session = onnxruntime.InferenceSession(
             str(self.directory / self.metadata["text_graph"]["file"]), options, providers=providers

@@ -167,7 +167,7 @@ class CoDeSegmenter:
 
         Args:
             export_dir: the export folder.
-            num_threads: threads of onnxruntime's operators (``intra_op_num_threads``); default onnxruntime's.
+            num_threads: threads of onnxruntime's operators (``intra_op_num_threads``; inter-op 1); default onnxruntime's.
             segmenter_kwargs: the constructor's options (``use_pamr``, ``background_threshold``, ...).
 
         Raises:
