@@ -33,6 +33,7 @@ from modeling_code.ops import (
     PatchEmbeddingConv2d,
     gumbel_sigmoid_straight_through,
     kernel_layout,
+    quick_gelu_bwd,
     self_only_attention_block,
     tap_layout,
     tap_products,
@@ -675,6 +676,10 @@ def test_memory_lean_mlp_matches_clip_and_saves_one_hidden_sized_tensor(tiny_cod
     assert (results[0][2], results[1][2]) == (1, 3)
     with torch.no_grad():  # the activation in one temporary: the same bits
         torch.testing.assert_close(lean(x), mlp(x), rtol=0, atol=0)
+    hidden, hidden_upstream = (torch.randn(3, 7, 96) * 4).requires_grad_(), torch.randn(3, 7, 96)
+    (autograd_grad,) = torch.autograd.grad(hidden * torch.sigmoid(1.702 * hidden), hidden, hidden_upstream)
+    lean_grad = quick_gelu_bwd(hidden.detach(), hidden_upstream)  # in place, in two temporaries: autograd's bits
+    torch.testing.assert_close(lean_grad, autograd_grad, rtol=0, atol=0)
 
 
 def test_global_image_embedding_with_class_token_last_block_equals_clip(tiny_code_model):
