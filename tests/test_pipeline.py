@@ -166,6 +166,8 @@ def test_bad_calls_name_the_problem(segment, tmp_path):
         segment([image, image], candidate_labels=["cat"], batch_size=2)
     with pytest.raises(ValueError, match="No class names"):
         segment(image, candidate_labels=" , \n")
+    with pytest.raises(ValueError, match=r"background_threshold must be in \[0, 1\]"):
+        segment(image, candidate_labels=["cat"], background_threshold=2.0)
     with pytest.raises(InvalidImageError, match=r"missing\.jpg"):
         segment(str(tmp_path / "missing.jpg"), candidate_labels=["cat"])
 
