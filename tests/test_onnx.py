@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import CLIPModel
 
 from modeling_code import CoDeImageProcessor, CoDeModel, CoDeProcessor, ops
-from modeling_code.apps.cli import EXIT_OK, EXIT_USAGE, build_parser, main
+from modeling_code.apps.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, build_parser, main
 from modeling_code.apps.onnx_export import AlwaysInterpolatedPositions, export_onnx
 from modeling_code.inference import encode_vocabulary
 from modeling_code.predict.onnx_runtime import (
@@ -261,6 +261,15 @@ def test_the_export_command_names_a_missing_model_and_missing_packages(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "tflite", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
+
+
+def test_the_export_command_reports_a_graph_that_fails_its_check(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("modeling_code.apps.onnx_export.EXPORT_CHECK_TOLERANCE", -1.0)  # nothing passes
+    out = tmp_path / "export"
+    assert main(["export", "onnx", "--model", str(model_dir), "--out", str(out)]) == EXIT_SOME_FAILED
+    error = capsys.readouterr().err
+    assert "code-seg export: error: text_encoder.onnx differs from the torch model by" in error
+    assert f"left in {out} for inspection" in error and (out / "text_encoder.onnx").is_file()
 
 
 def test_the_export_command_takes_out_and_output_dir_alike():

@@ -340,7 +340,7 @@ def _run_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from ..predict.loading import resolve_model_source
     from ..predict.onnx_runtime import IMAGE_GRAPH_FILE, METADATA_FILE, TEXT_GRAPH_FILE
-    from .onnx_export import export_onnx_from_pretrained
+    from .onnx_export import ExportCheckError, export_onnx_from_pretrained
 
     _register_auto_classes()
     _quiet_libraries()
@@ -353,6 +353,9 @@ def _run_export(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         _error("export", f"cannot export the model {args.model!r}: {err}")
         return EXIT_USAGE
+    except ExportCheckError as err:
+        _error("export", f"{err} (the graphs are left in {args.out} for inspection)")
+        return EXIT_SOME_FAILED
     check = metadata["export_check"]
     print(
         f"wrote {args.out / TEXT_GRAPH_FILE} and {args.out / IMAGE_GRAPH_FILE} (largest difference from torch on "

@@ -205,6 +205,10 @@ def _export_graph(module: nn.Module, examples: tuple, dynamic_shapes: dict, inpu
     return program
 
 
+class ExportCheckError(RuntimeError):
+    """A written graph does not reproduce the torch model on the example inputs."""
+
+
 def _check_graph(path: Path, feeds: dict, expected: dict[str, torch.Tensor]) -> float:
     """Run a written graph in onnxruntime; its largest difference from ``expected`` (refused above the tolerance)."""
     onnxruntime = import_onnxruntime()
@@ -214,7 +218,7 @@ def _check_graph(path: Path, feeds: dict, expected: dict[str, torch.Tensor]) -> 
         float((torch.from_numpy(output) - reference).abs().max()) for output, reference in zip(outputs, expected.values())
     )
     if not difference <= EXPORT_CHECK_TOLERANCE:
-        raise RuntimeError(
+        raise ExportCheckError(
             f"{path.name} differs from the torch model by {difference:.3g} on the example inputs "
             f"(tolerated: {EXPORT_CHECK_TOLERANCE}); the export is not usable"
         )
@@ -242,7 +246,7 @@ def export_onnx(model: CoDeModel, processor: CoDeProcessor, output_dir: str | os
     Raises:
         ValueError: the model is not float32 on the CPU.
         ImportError: onnx, onnxscript or onnxruntime is missing.
-        RuntimeError: a written graph does not reproduce the torch model on the example inputs.
+        ExportCheckError: a written graph does not reproduce the torch model on the example inputs.
     """
     if model.dtype != torch.float32 or model.device.type != "cpu":
         raise ValueError(
