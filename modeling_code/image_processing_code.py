@@ -192,8 +192,7 @@ def load_image(image: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     Args:
         image: a PIL image of any mode; a NumPy array of shape HxW, HxWx1, HxWx3 or HxWx4 (uint8,
             uint16, or float in [0, 1]); a file path (``str`` or ``Path``); an ``http(s)://`` URL; encoded bytes;
-            or a mapping
-            with ``"bytes"`` or ``"path"`` (what ``datasets.Image(decode=False)`` yields).
+            or a mapping with ``"bytes"`` or ``"path"`` (what ``datasets.Image(decode=False)`` yields).
         max_pixels: images with more pixels are downscaled (aspect kept, bilinear) with a warning;
             ``None`` disables the cap. Encoded images above PIL's limit (``Image.MAX_IMAGE_PIXELS``, about
             89 million pixels) are refused whatever the cap.

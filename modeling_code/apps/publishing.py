@@ -170,8 +170,8 @@ def upload_file_list(model_dir: str | Path) -> list[str]:
     if not any(name.endswith(".safetensors") for name in weights):
         raise ValueError(f"{model_dir} has no .safetensors weights; save the model with save_pretrained first")
     processor_files = [name for name in PROCESSOR_FILES if (model_dir / name).is_file()]
-    _remote_code_roots(model_dir)  # both configs must name their classes, whichever code is staged
-    code = remote_code_files(model_dir) if _has_pipeline(model_dir) else package_remote_code_files()
+    roots = _remote_code_roots(model_dir)  # both configs must name their classes, whichever code is staged
+    code = _with_relative_imports(model_dir, roots) if _has_pipeline(model_dir) else package_remote_code_files()
     return sorted({*weights, MODEL_CONFIG_FILE, *processor_files, *code})
 
 
@@ -232,27 +232,27 @@ def publish(
     """
     if dry_run_dir is not None:
         files = stage_upload(model_dir, dry_run_dir, repo_id, results_json, license)
-        return PublishResult(files, Path(dry_run_dir), None, not _has_pipeline(Path(model_dir)))
-    if api is None:
-        from huggingface_hub import HfApi
+        folder, commit_url = Path(dry_run_dir), None
+    else:
+        if api is None:
+            from huggingface_hub import HfApi
 
-        api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="code-seg-publish-") as staging:
-        files = stage_upload(model_dir, staging, repo_id, results_json, license)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=staging,
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message,
-            delete_patterns=STALE_WEIGHT_PATTERNS,
-        )
-    return PublishResult(
-        files, None, getattr(commit, "commit_url", None) or str(commit), not _has_pipeline(Path(model_dir))
-    )
+            api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="code-seg-publish-") as staging:
+            files = stage_upload(model_dir, staging, repo_id, results_json, license)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message,
+                delete_patterns=STALE_WEIGHT_PATTERNS,
+            )
+        folder, commit_url = None, getattr(commit, "commit_url", None) or str(commit)
+    return PublishResult(files, folder, commit_url, package_code=not _has_pipeline(Path(model_dir)))
 
 
 __all__ = ["PublishResult", "publish", "remote_code_files", "stage_upload", "upload_file_list"]
