@@ -1,7 +1,11 @@
 """Today's code against the golden numerics of 0.1.0 (``tests/golden.py``): refactors keep results.
 
-Tolerances: masks, score maps, embeddings and losses within 1e-6 absolute; each gradient within 1e-6 of its
-largest magnitude; label maps equal except where the two best classes score within 1e-4 of each other.
+Tolerances: masks, score maps, embeddings and losses within 1e-6 absolute; each gradient within 5e-6 of its
+largest magnitude plus 1e-7 absolute; label maps equal except where the two best classes score within 1e-4 of
+each other. The gradients' tolerance is float32 rounding that differs between CPU types (their vector widths
+order the sums differently; the golden file was written on another type than some of ours): it accumulates
+through the layers, and a gradient that is zero in exact arithmetic, as an attention key bias's is, holds
+nothing but rounding.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import torch.nn.functional as F
 from golden import compute_golden, load_golden
 
 ABSOLUTE = 1e-6
-RELATIVE_TO_SCALE = 1e-6
+RELATIVE_TO_SCALE = 5e-6
+GRADIENT_ROUNDING = 1e-7
 LABEL_TIE = 1e-4
 
 
@@ -48,7 +53,9 @@ def test_gradients_match(golden_and_today):
         reference = expected[key].double()
         scale = max(reference.abs().max().item(), 1e-30)
         difference = (actual[key].double() - reference).abs().max().item()
-        assert difference <= RELATIVE_TO_SCALE * scale, f"{key}: max difference {difference:.3g} of {scale:.3g}"
+        assert difference <= RELATIVE_TO_SCALE * scale + GRADIENT_ROUNDING, (
+            f"{key}: max difference {difference:.3g} of {scale:.3g}"
+        )
 
 
 def test_label_maps_match_except_at_ties(golden_and_today):
