@@ -16,11 +16,11 @@ from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .configuration_code import CoDeConfig
-from .ops import self_only_attention_block, upsampled_conv3x3
+from .ops import self_only_attention_block, tap_layout, upsampled_conv3x3, upsampled_conv3x3_bands
 
 # Inference computes the decoder's last block in row bands whose tap products stay this small. On the CPU,
 # window by window: temporaries of this size are reused by the C allocator; tens of MB would be fresh pages
-# (page faults and zeroing) on every window, which cost more than the two neighbour rows each band adds.
+# (page faults and zeroing) on every window.
 BAND_TAP_BYTES = 24 * 2**20
 # On an accelerator its caching allocator reuses blocks of any size, and every band and window is a round of
 # kernel launches: the whole batch of windows goes through together, in bands only past this size (a 448x448
@@ -58,22 +58,33 @@ class CoDeUpsampleBlock(nn.Module):
         self.gate = nn.Parameter(torch.tensor(float(config.decoder_gate_init)))
         self.tap_weights: torch.Tensor | None = None  # the kernel laid out, inside CoDeModel.prepared_for_inference
 
-    def forward(self, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: [B, H, W, C] -> [B, 2H, 2W, C] (channels last).
-
-        ``rows=(start, stop)`` computes only the output rows of low-resolution rows ``start:stop``: [B, 2 (stop -
-        start), 2W, C]. The rows just outside the band add their one needed row of taps (the convolution's
-        neighbours); outside the map they are its zero padding.
-        """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, H, W, C] -> [B, 2H, 2W, C] (channels last)."""
         batch, height, width, channels = x.shape
-        start, stop = rows or (0, height)
-        top, bottom = max(start - 1, 0), min(stop + 1, height)  # the band with its neighbour rows
-        activated = F.gelu(
-            F.layer_norm(x[:, top:bottom], (channels,), self.norm.weight, self.norm.bias, self.norm.eps)
-        )
-        out = upsampled_conv3x3(activated, self.conv.weight, top < start, bottom > stop, self.tap_weights)
-        out = out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, start:stop, None, :, None])
-        return out.view(batch, 2 * (stop - start), 2 * width, channels)
+        out = upsampled_conv3x3(self._activated(x), self.conv.weight, self.tap_weights)
+        return self._gated_residual(out, x).view(batch, 2 * height, 2 * width, channels)
+
+    def bands(self, x: torch.Tensor, band_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The same output in bands of ``band_rows`` input rows (inference, no gradients): yields (first output
+        row, band [B, 2 n, 2W, C]) in order; each band's kernel products are computed once
+        (``ops.upsampled_conv3x3_bands``)."""
+        batch, height, width, channels = x.shape
+        starts = range(0, height, band_rows)
+        activated = (self._activated(x[:, start : start + band_rows]) for start in starts)
+        tap_weights = tap_layout(self.conv.weight) if self.tap_weights is None else self.tap_weights
+        for start, out in zip(starts, upsampled_conv3x3_bands(activated, tap_weights)):
+            rows = out.shape[1]
+            band = self._gated_residual(out, x[:, start : start + rows])
+            yield 2 * start, band.view(batch, 2 * rows, 2 * width, channels)
+
+    def _activated(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(LN(x)) per pixel, at low resolution."""
+        return F.gelu(F.layer_norm(x, (x.shape[-1],), self.norm.weight, self.norm.bias, self.norm.eps))
+
+    def _gated_residual(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Convolution phases [B, n, 2, W, 2, C] -> bias, ``tanh(gate)`` and the upsampled input x [B, n, W, C]
+        added, in place."""
+        return out.add_(self.conv.bias).mul_(torch.tanh(self.gate)).add_(x[:, :, None, :, None])
 
 
 class CoDeMaskerDecoder(nn.Module):
@@ -93,10 +104,9 @@ class CoDeMaskerDecoder(nn.Module):
         yields (first output row, band [B, rows, W', C]). The full-resolution map never exists at once."""
         for block in self.blocks[:-1]:
             x = block(x)
-        batch, height, width, channels = x.shape
+        batch, _, width, channels = x.shape
         band_rows = max(1, max_tap_bytes // (batch * width * 9 * channels * x.element_size()))
-        for start in range(0, height, band_rows):
-            yield 2 * start, self.blocks[-1](x, (start, min(start + band_rows, height)))
+        yield from self.blocks[-1].bands(x, band_rows)
 
 
 class CoDeMaskerProjection(nn.Module):

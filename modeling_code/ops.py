@@ -23,7 +23,7 @@ Only torch and transformers are imported: the package also runs as Hub remote co
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -427,57 +427,67 @@ class UpsampledConvPhaseSumFunction(torch.autograd.Function):
         return phase_sum_bwd(grad_out)
 
 
-def _add_neighbour_row(out: torch.Tensor, activated: torch.Tensor, row_tap_weights: torch.Tensor) -> None:
-    """out [B, W, column phase, C] += one neighbour row's products with one row of kernel taps, column-summed.
+def _add_row_taps(out: torch.Tensor, row_taps: torch.Tensor) -> None:
+    """out [B, W, column phase, C] += one neighbouring row's products with one row of kernel taps, column-summed.
 
-    activated [B, W, C_in]; row_tap_weights [C_in, 3 * C_out] (the row's three column taps).
-    """
-    batch, width, channels = activated.shape
-    taps = (activated.reshape(-1, channels) @ row_tap_weights).view(batch, 1, width, 1, 3, -1)
+    row_taps [B, W, 3, C] (the row's three column taps)."""
+    batch, width, _, channels = row_taps.shape
+    taps = row_taps.view(batch, 1, width, 1, 3, channels)
     for column_phase in range(2):
         out[:, :, column_phase] += _sum_phase_taps(taps, 2, column_phase)[:, 0, :, 0]
 
 
 def upsampled_conv3x3(
-    activated: torch.Tensor,
-    weight: torch.Tensor,
-    row_above: bool = False,
-    row_below: bool = False,
-    tap_weights: torch.Tensor | None = None,
+    activated: torch.Tensor, weight: torch.Tensor, tap_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The 3×3 convolution (zero padding 1, no bias) of the nearest-×2 upsampled map, for a band of rows.
+    """The 3×3 convolution (zero padding 1, no bias) of the nearest-×2 upsampled map.
 
-    activated: [B, R, W, C_in] channels last: the band's low-resolution rows, preceded by the map's row above
-    the band when ``row_above`` and followed by the row below it when ``row_below`` (without them the band
-    touches the map's border, where the convolution reads its zero padding). weight: [C_out, C_in, 3, 3].
-    Returns the output rows of the band as phases [B, n, 2, W, 2, C_out] (n band rows; row phase, column
-    phase), i.e. [B, 2n, 2W, C_out] once viewed so. ``tap_weights``: ``tap_layout(weight)`` computed
-    beforehand, used where no gradient is needed; by default the weight is laid out in the call.
+    activated: [B, H, W, C_in] channels last; weight: [C_out, C_in, 3, 3]. Returns the output as phases
+    [B, H, 2, W, 2, C_out] (row phase, column phase), i.e. [B, 2H, 2W, C_out] once viewed so.
+    ``tap_weights``: ``tap_layout(weight)`` computed beforehand, used where no gradient is needed; by default
+    the weight is laid out in the call.
 
     Every output pixel of the convolution of the upsampled map sums 9 taps read at low-resolution positions,
     so each tap's product is computed once per low-resolution pixel (one [C_in, 9 C_out] matrix product) and
     the four output phases add shifted slices of it: 9 products per low-resolution pixel, where four 2×2 phase
-    convolutions need 16 and the convolution of the upsampled map 36. A neighbour row adds only the one row of
-    taps that reaches into the band.
+    convolutions need 16 and the convolution of the upsampled map 36.
     """
-    batch, rows, width, channels = activated.shape
-    rows -= row_above + row_below
-    band = activated[:, int(row_above) : int(row_above) + rows].reshape(-1, channels)  # 2-D: one matrix product
+    batch, height, width, channels = activated.shape
+    pixels = activated.reshape(-1, channels)  # 2-D: one matrix product
     if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
-        tap_weights = None
-        taps = tap_products(band, weight)
-    else:  # the weight laid out once, for the band and its neighbour rows
-        tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
-        taps = band @ tap_weights
-    out = UpsampledConvPhaseSumFunction.apply(taps.view(batch, rows, width, 3, 3, -1))
-    if row_above or row_below:
-        tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
-        out_channels = weight.shape[0]
-        if row_above:  # the row above feeds the band's first row (phase 0) with its first row of taps
-            _add_neighbour_row(out[:, 0, 0], activated[:, 0], tap_weights[:, : 3 * out_channels])
-        if row_below:  # the row below feeds the band's last row (phase 1) with its last row of taps
-            _add_neighbour_row(out[:, -1, 1], activated[:, -1], tap_weights[:, 6 * out_channels :])
-    return out
+        taps = tap_products(pixels, weight)
+    else:
+        taps = pixels @ (tap_layout(weight) if tap_weights is None else tap_weights)
+    return UpsampledConvPhaseSumFunction.apply(taps.view(batch, height, width, 3, 3, -1))
+
+
+@torch.no_grad()
+def upsampled_conv3x3_bands(activated_bands: Iterable[torch.Tensor], tap_weights: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``upsampled_conv3x3`` of a map given as consecutive bands of rows (no gradients): yields each band's
+    output phases [B, n, 2, W, 2, C_out], in order, for bands [B, n, W, C_in] of the activated map.
+
+    Each band's tap products are computed once, in one matrix product. The rows next to a band reach into it
+    through one row of taps each, and those come from the neighbouring bands' products: the row above from
+    the band before (its last row, kept), the row below from the band after, so that a band is yielded once
+    the next band's products exist. At the map's top and bottom the convolution reads its zero padding.
+    """
+    pending = None  # the band waiting for the row below
+    above = None  # the previous band's last row of taps, first kernel row: [B, W, 3, C_out]
+    for activated in activated_bands:
+        batch, rows, width, channels = activated.shape
+        taps = (activated.reshape(-1, channels) @ tap_weights).view(batch, rows, width, 3, 3, -1)
+        out = phase_sum_fwd(taps)
+        if above is not None:  # the row above feeds the band's first row (row phase 0) with its first row of taps
+            _add_row_taps(out[:, 0, 0], above)
+        if pending is not None:  # this band's first row feeds the band before's last row (phase 1), last taps row
+            _add_row_taps(pending[:, -1, 1], taps[:, 0, :, 2])
+        above = taps[:, -1, :, 0].clone()
+        del taps  # not held while the band before is consumed
+        if pending is not None:
+            yield pending
+        pending = out
+    if pending is not None:
+        yield pending
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -665,5 +675,6 @@ __all__ = [
     "total_variation_fwd",
     "transposed_in_tiles",
     "upsampled_conv3x3",
+    "upsampled_conv3x3_bands",
     "use_memory_lean_layers",
 ]
