@@ -269,11 +269,13 @@ def _training_batch(config, batch_size: int) -> dict:
 
 
 def measure_training(device_name: str, quick: bool, run_index: int) -> dict:
-    """Samples/s of ``training_step`` (forward, backward, clipping, AdamW, zeroing) and the run's peak memory."""
+    """Samples/s of ``training_step`` (forward, backward, clipping, the trainer's AdamW, zeroing) and the run's
+    peak memory."""
     import torch
     from accelerate import Accelerator
 
     from modeling_code import CoDeConfig, CoDeModel
+    from modeling_code.training.optimization import build_optimizer
     from modeling_code.training.trainer import training_step
 
     name, mixed_precision, batch_size, warm_up, timed = TRAINING_RUNS[run_index]
@@ -285,7 +287,7 @@ def measure_training(device_name: str, quick: bool, run_index: int) -> dict:
     torch.manual_seed(0)
     model = CoDeModel(CoDeConfig(**(TINY if quick else {}))).train()
     model.set_masker_backbone_trainable(True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer(model, model.trainable_parameter_names(), lr=1e-5, device_type=device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {key: value.to(accelerator.device) for key, value in _training_batch(model.config, batch_size).items()}

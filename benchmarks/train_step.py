@@ -83,9 +83,11 @@ def parameter_report(model: CoDeModel) -> dict[str, float]:
 
 
 def run_steps(size: str, batch_size: int, steps: int, region_checkpointing: bool = False) -> tuple[list[float], CoDeModel]:
-    """Time ``steps`` calls of the trainer's own ``training_step`` (forward, backward, clipping, AdamW, zeroing)."""
+    """Time ``steps`` calls of the trainer's own ``training_step`` (forward, backward, clipping, AdamW, zeroing)
+    with the trainer's optimiser (``build_optimizer``)."""
     from accelerate import Accelerator
 
+    from modeling_code.training.optimization import build_optimizer
     from modeling_code.training.trainer import training_step
 
     retain_freed_memory()  # as training does
@@ -94,7 +96,7 @@ def run_steps(size: str, batch_size: int, steps: int, region_checkpointing: bool
     accelerator = Accelerator(cpu=True)
     model = CoDeModel(config).train()
     model.set_masker_backbone_trainable(True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer(model, model.trainable_parameter_names(), lr=1e-5, device_type="cpu")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     batch = make_batch(config, batch_size)

@@ -113,6 +113,27 @@ def test_adamw_leaves_phase_one_frozen_parameters_untouched_then_trains_them():
     assert optimizer.state[model.prompt_context]["step"] == 2
 
 
+def test_adamw_is_fused_on_the_cpu_and_cuda_and_updates_as_the_default_implementation():
+    torch.manual_seed(0)
+    fused_model, plain_model = ToyModel(), ToyModel()
+    plain_model.load_state_dict(fused_model.state_dict())
+    start = fused_model.decoder.weight.detach().clone()
+    fused = build_optimizer(fused_model, TRAINABLE, lr=0.1)
+    assert fused.defaults["fused"] is True
+    assert build_optimizer(fused_model, TRAINABLE, lr=0.1, device_type="cuda").defaults["fused"] is True
+    assert not build_optimizer(fused_model, TRAINABLE, lr=0.1, device_type="mps").defaults["fused"]
+    plain = torch.optim.AdamW(parameter_groups(plain_model, TRAINABLE, 0.05), lr=0.1, eps=1e-6, foreach=False)
+    for _ in range(5):
+        inputs = torch.randn(5, 4)
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            model(inputs).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, fused_value), plain_value in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(fused_value, plain_value, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.allclose(fused_model.decoder.weight, start, atol=1e-2)  # five steps of lr 0.1 moved it
+
+
 def test_schedule_values_at_chosen_steps():
     warmup, total = 10, 110
     start = 1e-4 * LR

@@ -246,7 +246,7 @@ def train(
     global_batch = config.data.batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
     lr, min_lr = scaled_learning_rates(optim.lr, optim.min_lr, global_batch, optim.reference_batch_size)
     optimizer = build_optimizer(model, model.trainable_parameter_names(), lr, optim.weight_decay, optim.betas,
-                                optim.eps)
+                                optim.eps, device_type=accelerator.device.type)
     scheduler = warmup_cosine_schedule(optimizer, optim.warmup_steps, optim.max_steps, lr, min_lr)
     # the scheduler stays unprepared (stepped once per optimiser step by training_step) but is checkpointed
     model, optimizer = accelerator.prepare(model, optimizer)
