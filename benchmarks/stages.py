@@ -94,6 +94,20 @@ class StageTimer:
 
         return timed
 
+    def wrap_generator(self, name: str, function):
+        """A generator function timed while it computes each item (not while its consumer works)."""
+
+        def timed(*args, **kwargs):
+            items = function(*args, **kwargs)
+            while True:
+                with self.stage(name):
+                    item = next(items, None)
+                if item is None:
+                    return
+                yield item
+
+        return timed
+
     def hook(self, name: str, module) -> None:
         module.register_forward_pre_hook(lambda *_: self.start(name))
         module.register_forward_hook(lambda *_: self.stop())
@@ -113,6 +127,7 @@ def instrument(model, image_processor, bare, timer: StageTimer) -> None:
     masker._feature_map = timer.wrap("masker block", masker._feature_map)
     for index, block in enumerate(masker.decoder.blocks):
         timer.hook(f"decoder block {index + 1}", block)
+        block.bands = timer.wrap_generator(f"decoder block {index + 1}", block.bands)  # inference's last block
     masker._embed = timer.wrap("projection", masker._embed)
     timer.hook("sim2mask", model.sim2mask)
     model.dense_clip_features = timer.wrap("KP branch", model.dense_clip_features)
@@ -127,10 +142,11 @@ def instrument(model, image_processor, bare, timer: StageTimer) -> None:
         timer.hook("bare blocks", layer)
 
 
-def profile(scenario_key: str, threads: int, runs: int) -> tuple[dict, dict, int]:
-    """(median seconds per stage, MACs per stage, windows) for one scenario, bare passes interleaved."""
+def profile(scenario_key: str, threads: int, runs: int, overrides: dict | None = None) -> tuple[dict, dict, int]:
+    """(median seconds per stage, MACs per stage, windows) for one scenario, bare passes interleaved; the model
+    is ``CoDeConfig(**overrides)``, by default ViT-B/16-sized."""
     scenario = next(s for s in inference.SCENARIOS if s.key == scenario_key)
-    model, bare, image_processor, vocabulary, image = inference._setup(scenario, threads)
+    model, bare, image_processor, vocabulary, image = inference._setup(scenario, threads, overrides)
     timer = StageTimer()
     instrument(model, image_processor, bare, timer)
     bare_run, windows = inference._runner("bare", model, bare, image_processor, vocabulary, image)
