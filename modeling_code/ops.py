@@ -462,7 +462,9 @@ def upsampled_conv3x3(
 
 
 @torch.no_grad()
-def upsampled_conv3x3_bands(activated_bands: Iterable[torch.Tensor], tap_weights: torch.Tensor) -> Iterator[torch.Tensor]:
+def upsampled_conv3x3_bands(
+    activated_bands: Iterable[torch.Tensor], tap_weights: torch.Tensor
+) -> Iterator[torch.Tensor]:
     """``upsampled_conv3x3`` of a map given as consecutive bands of rows (no gradients): yields each band's
     output phases [B, n, 2, W, 2, C_out], in order, for bands [B, n, W, C_in] of the activated map.
 
@@ -477,7 +479,7 @@ def upsampled_conv3x3_bands(activated_bands: Iterable[torch.Tensor], tap_weights
         batch, rows, width, channels = activated.shape
         taps = (activated.reshape(-1, channels) @ tap_weights).view(batch, rows, width, 3, 3, -1)
         out = phase_sum_fwd(taps)
-        if above is not None:  # the row above feeds the band's first row (row phase 0) with its first row of taps
+        if above is not None:  # the row above feeds the band's first row (row phase 0), first taps row
             _add_row_taps(out[:, 0, 0], above)
         if pending is not None:  # this band's first row feeds the band before's last row (phase 1), last taps row
             _add_row_taps(pending[:, -1, 1], taps[:, 0, :, 2])
