@@ -47,21 +47,17 @@ from PIL import Image
 
 import modeling_code
 from modeling_code import CoDeModel, CoDeProcessor
-from modeling_code.inference import encode_vocabulary, segment_images
 
 
 def segment(model_dir, image_path, classes):
     model = CoDeModel.from_pretrained(model_dir).eval()
     processor = CoDeProcessor.from_pretrained(model_dir)
+    image = Image.open(image_path).convert("RGB")
+    inputs = processor(images=image, text=[name.strip() for name in classes.split(",")], return_tensors="pt")
     with torch.no_grad():
-        vocabulary = encode_vocabulary(model, processor, [name.strip() for name in classes.split(",")])
-        processed = processor.image_processor.preprocess([Image.open(image_path).convert("RGB")])
-        segmentation = segment_images(model, processed["pixel_values"], vocabulary)
-    labels = processor.image_processor.post_process_semantic_segmentation(
-        segmentation, target_sizes=processed["original_sizes"]
-    )[0]
-    return {"package_file": modeling_code.__file__, "labels": labels.tolist(), "scores": segmentation.logits[0].tolist()}
-
+        outputs = model(**inputs)
+    labels = processor.post_process_semantic_segmentation(outputs)[0]
+    return {"package_file": modeling_code.__file__, "labels": labels.tolist(), "scores": outputs.scores[0].tolist()}
 
 if __name__ == "__main__":
     print(json.dumps(segment(*sys.argv[1:])))
