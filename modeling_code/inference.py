@@ -184,6 +184,14 @@ def clean_class_names(
     return names, background_index
 
 
+def class_list(text: str | Sequence[str]) -> tuple[list[str], int | None]:
+    """A class list as users type it, for a call whose class ids are positions in it (the processor, the
+    pipeline): one string is split at commas and line breaks (``parse_class_list``); validated by
+    ``clean_class_names`` with repeats refused. Returns (names, index of ``background`` or None)."""
+    names = parse_class_list(text) if isinstance(text, str) else text
+    return clean_class_names(names, drop_duplicates=False)
+
+
 def template_ensemble_embeddings(model: CoDeModel, kp_template_input_ids: torch.Tensor) -> torch.Tensor:
     """The KP branch's class embeddings from the processor's ``kp_template_input_ids`` [N_text, T, L] (each class
     in T templates) -> [N_text, C], through ``model.get_template_class_embeddings``."""
@@ -551,6 +559,7 @@ __all__ = [
     "BACKGROUND_CLASS",
     "VocabularyEmbeddings",
     "Window",
+    "class_list",
     "clean_class_names",
     "encode_vocabulary",
     "image_list",

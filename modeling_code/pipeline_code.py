@@ -29,13 +29,7 @@ from PIL import Image
 from transformers import Pipeline
 
 from .configuration_code import InferenceProtocol
-from .inference import (
-    BACKGROUND_CLASS,
-    VocabularyEmbeddings,
-    clean_class_names,
-    encode_vocabulary,
-    parse_class_list,
-)
+from .inference import BACKGROUND_CLASS, VocabularyEmbeddings, class_list, encode_vocabulary
 from .modeling_code import CoDeSegmentationOutput
 
 PIPELINE_TASK = "zero-shot-image-segmentation"
@@ -44,8 +38,7 @@ PIPELINE_TASK = "zero-shot-image-segmentation"
 def _labels(candidate_labels: str | Sequence[str], background: bool | None) -> tuple[str, ...]:
     """The vocabulary of a call: ``candidate_labels`` as a list (one string is split at commas and line breaks),
     with ``background`` appended when asked for; validated as the processor does (no repeats)."""
-    names = parse_class_list(candidate_labels) if isinstance(candidate_labels, str) else candidate_labels
-    names, background_index = clean_class_names(names, drop_duplicates=False)
+    names, background_index = class_list(candidate_labels)
     if background and background_index is None:
         names.append(BACKGROUND_CLASS)
     elif background is False and background_index is not None:

@@ -24,7 +24,7 @@ from transformers.utils import cached_file
 
 from .configuration_code import PROTOCOL_CONFIG_FIELDS, CoDeConfig, InferenceProtocol
 from .image_processing_code import CoDeImageProcessor, ImageLike
-from .inference import clean_class_names, parse_class_list
+from .inference import class_list
 from .templates import get_templates
 from .text_decomposition import NounDecomposer, pseudo_text_labels
 
@@ -387,8 +387,7 @@ class CoDeProcessor(ProcessorMixin):
             ValueError / TypeError: a bad class list (see ``inference.clean_class_names``); names repeating
                 (ignoring case) are refused, since class ids are positions in the list.
         """
-        names = parse_class_list(text) if isinstance(text, str) else text
-        names, background_index = clean_class_names(names, drop_duplicates=False)
+        names, background_index = class_list(text)
         text_names = [name for index, name in enumerate(names) if index != background_index]
         encoded: dict[str, Any] = {"class_input_ids": self.tokenize(text_names), "background_index": background_index}
         if with_kp_templates:
