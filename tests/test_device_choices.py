@@ -28,7 +28,6 @@ from modeling_code.image_processing_code import CoDeImageProcessor
 from modeling_code.inference import (
     MAX_WINDOWS_PER_CALL,
     encode_vocabulary,
-    segment_images,
     window_memory_bytes,
     windows_per_call,
 )
@@ -86,8 +85,12 @@ def test_window_batches_follow_the_memory_budget_and_keep_the_scores(open_gates_
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(3, 45, 70, generator=generator), torch.randn(3, 40, 40, generator=generator),
               torch.randn(3, 20, 50, generator=generator)]
-    options = {"window_size": 32, "window_stride": 16}
-    one_at_a_time = segment_images(model, images, vocabulary, window_batch_size=1, **options).logits
+    protocol = model.config.inference_protocol.replace(window_size=32, window_stride=16)
+
+    def segment(**options):
+        return model(pixel_values=images, **vocabulary.model_inputs(), protocol=protocol, **options).scores
+
+    one_at_a_time = segment(window_batch_size=1)
 
     batch_sizes = []
     refined = inference._refined_masks
@@ -95,14 +98,14 @@ def test_window_batches_follow_the_memory_budget_and_keep_the_scores(open_gates_
                         lambda model, padded, *args: batch_sizes.append(len(padded)) or refined(model, padded, *args))
     per_window = window_memory_bytes(model.config, 32, 32, 2, model.dtype, "cpu")
     monkeypatch.setattr(inference, "window_memory_budget", lambda device: 3 * per_window)
-    budgeted = segment_images(model, images, vocabulary, **options).logits
+    budgeted = segment()
     # 12 windows of 32x32 (8 of the first image, 4 of the second) in threes, then the third image's 3 of 20x32
     assert batch_sizes == [3, 3, 3, 3, 3]
     batch_sizes.clear()
     monkeypatch.undo()  # the CPU's own budget: every window of a size in one call
     monkeypatch.setattr(inference, "_refined_masks",
                         lambda model, padded, *args: batch_sizes.append(len(padded)) or refined(model, padded, *args))
-    by_default = segment_images(model, images, vocabulary, **options).logits
+    by_default = segment()
     assert batch_sizes == [12, 3]
     for single, *batched in zip(one_at_a_time, budgeted, by_default):
         for scores in batched:
