@@ -16,7 +16,7 @@ from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from .configuration_code import CoDeConfig
-from .ops import self_only_attention_block, tap_layout, upsampled_conv3x3, upsampled_conv3x3_bands
+from .ops import self_only_attention_block, upsampled_conv3x3, upsampled_conv3x3_bands
 
 # Inference computes the decoder's last block in row bands whose tap products stay this small. On the CPU,
 # window by window: temporaries of this size are reused by the C allocator; tens of MB would be fresh pages
@@ -71,8 +71,7 @@ class CoDeUpsampleBlock(nn.Module):
         batch, height, width, channels = x.shape
         starts = range(0, height, band_rows)
         activated = (self._activated(x[:, start : start + band_rows]) for start in starts)
-        tap_weights = tap_layout(self.conv.weight) if self.tap_weights is None else self.tap_weights
-        for start, out in zip(starts, upsampled_conv3x3_bands(activated, tap_weights)):
+        for start, out in zip(starts, upsampled_conv3x3_bands(activated, self.conv.weight, self.tap_weights)):
             rows = out.shape[1]
             band = self._gated_residual(out, x[:, start : start + rows])
             yield 2 * start, band.view(batch, 2 * rows, 2 * width, channels)

@@ -452,32 +452,38 @@ def upsampled_conv3x3(
     the four output phases add shifted slices of it: 9 products per low-resolution pixel, where four 2×2 phase
     convolutions need 16 and the convolution of the upsampled map 36.
     """
-    batch, height, width, channels = activated.shape
-    pixels = activated.reshape(-1, channels)  # 2-D: one matrix product
     if torch.is_grad_enabled() and (weight.requires_grad or activated.requires_grad):
-        taps = tap_products(pixels, weight)
+        batch, height, width, channels = activated.shape
+        taps = tap_products(activated.reshape(-1, channels), weight).view(batch, height, width, 3, 3, -1)
     else:
-        taps = pixels @ (tap_layout(weight) if tap_weights is None else tap_weights)
-    return UpsampledConvPhaseSumFunction.apply(taps.view(batch, height, width, 3, 3, -1))
+        taps = _laid_out_taps(activated, tap_layout(weight) if tap_weights is None else tap_weights)
+    return UpsampledConvPhaseSumFunction.apply(taps)
+
+
+def _laid_out_taps(activated: torch.Tensor, tap_weights: torch.Tensor) -> torch.Tensor:
+    """activated [B, H, W, C_in] times the laid-out kernel, as one 2-D matrix product -> [B, H, W, 3, 3, C_out]."""
+    batch, height, width, channels = activated.shape
+    return (activated.reshape(-1, channels) @ tap_weights).view(batch, height, width, 3, 3, -1)
 
 
 @torch.no_grad()
 def upsampled_conv3x3_bands(
-    activated_bands: Iterable[torch.Tensor], tap_weights: torch.Tensor
+    activated_bands: Iterable[torch.Tensor], weight: torch.Tensor, tap_weights: torch.Tensor | None = None
 ) -> Iterator[torch.Tensor]:
     """``upsampled_conv3x3`` of a map given as consecutive bands of rows (no gradients): yields each band's
     output phases [B, n, 2, W, 2, C_out], in order, for bands [B, n, W, C_in] of the activated map.
+    ``tap_weights`` as there.
 
     Each band's tap products are computed once, in one matrix product. The rows next to a band reach into it
     through one row of taps each, and those come from the neighbouring bands' products: the row above from
     the band before (its last row, kept), the row below from the band after, so that a band is yielded once
     the next band's products exist. At the map's top and bottom the convolution reads its zero padding.
     """
+    tap_weights = tap_layout(weight) if tap_weights is None else tap_weights
     pending = None  # the band waiting for the row below
     above = None  # the previous band's last row of taps, first kernel row: [B, W, 3, C_out]
     for activated in activated_bands:
-        batch, rows, width, channels = activated.shape
-        taps = (activated.reshape(-1, channels) @ tap_weights).view(batch, rows, width, 3, 3, -1)
+        taps = _laid_out_taps(activated, tap_weights)
         out = phase_sum_fwd(taps)
         if above is not None:  # the row above feeds the band's first row (row phase 0), first taps row
             _add_row_taps(out[:, 0, 0], above)
